@@ -1,0 +1,197 @@
+"""Generation speed and memory: our engine vs transformers' `generate`, same checkpoint, one run.
+
+For each config (a small one, where per-token overhead dominates, and the CodeGemma 2B shape, where
+reading the weights dominates) a random-weight checkpoint is written once, then each implementation
+runs in its own subprocess (so peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop.
+  prefill tok/s = prompt tokens / time of a 1-token generation
+  decode tok/s  = (N - 1) / (time of an N-token generation - time of a 1-token generation)
+The machine's memory bandwidth is measured in the same run (streaming read of a 1 GiB tensor);
+the decode limit is bandwidth / bytes of weights read per token.
+
+    python benchmarks/bench_generate.py                  # small + 2b (bf16)
+    python benchmarks/bench_generate.py --configs small --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "small": dict(
+        preset="tiny",
+        overrides=dict(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=64,
+            max_position_embeddings=2048,
+        ),
+        dtype="float32",
+    ),
+    "2b": dict(preset="2b", overrides={}, dtype="bfloat16"),
+}
+
+
+def make_checkpoint(name: str, out: Path) -> Path:
+    from codegemma.checkpoint import save_model
+    from codegemma.config import ModelConfig
+    from codegemma.model import GemmaForCausalLM
+
+    spec = CONFIGS[name]
+    config = ModelConfig.preset(spec["preset"], **spec["overrides"], torch_dtype=spec["dtype"])
+    with torch.device("meta"):
+        model = GemmaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(getattr(torch, spec["dtype"]))
+    model.init_weights(seed=0)
+    save_model(model, config, out)
+    return out
+
+
+def memory_bandwidth_gbs(size_gib: float = 1.0, repeats: int = 5) -> float:
+    x = torch.ones(int(size_gib * 2**30 / 4), dtype=torch.float32)
+    x.sum()  # touch
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def worker(impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str) -> dict:
+    torch.manual_seed(0)
+    if impl == "ours":
+        from codegemma.checkpoint import load_model
+        from codegemma.engine import Engine, SamplingParams
+
+        model, config = load_model(model_dir, dtype=getattr(torch, dtype), device="cpu")
+        engine = Engine(model, max_batch_size=1)  # token ids only: random weights, no tokenizer
+        prompt = torch.randint(200, config.vocab_size, (prompt_len,)).tolist()
+
+        def run(n: int) -> None:
+            out = engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+            assert len(out.token_ids) == n
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype)
+        )
+        model.eval()
+        vocab = model.config.vocab_size
+        ids = torch.randint(200, vocab, (1, prompt_len))
+
+        def run(n: int) -> None:
+            with torch.inference_mode():
+                out = model.generate(
+                    ids,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+            assert out.shape[1] == prompt_len + n
+
+    run(2)  # warm-up
+    t1 = min(_time(lambda: run(1)) for _ in range(2))
+    tn = _time(lambda: run(new_tokens))
+    return {
+        "prefill_tok_s": prompt_len / t1,
+        "decode_tok_s": (new_tokens - 1) / max(tn - t1, 1e-9),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--model-dir",
+        str(model_dir),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--dtype",
+        dtype,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="small,2b")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--worker", choices=["ours", "transformers"])
+    parser.add_argument("--model-dir")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.worker:
+        print(
+            json.dumps(
+                worker(args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype)
+            )
+        )
+        return
+
+    from codegemma.config import ModelConfig
+
+    bandwidth = memory_bandwidth_gbs()
+    print(
+        f"# machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"measured memory bandwidth {bandwidth:.1f} GB/s"
+    )
+    print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1\n")
+    print(
+        "| config | dtype | impl | prefill tok/s | decode tok/s | decode vs transformers | "
+        "bandwidth limit tok/s | % of limit | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.configs.split(","):
+        spec = CONFIGS[name]
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            model_dir = make_checkpoint(name, Path(tmp) / name)
+            config = ModelConfig.load(model_dir)
+            bytes_per_token = (
+                config.num_parameters * torch.finfo(getattr(torch, spec["dtype"])).bits / 8
+            )
+            limit = bandwidth * 1e9 / bytes_per_token
+            rows = {
+                impl: run_worker(impl, model_dir, args, spec["dtype"])
+                for impl in ("transformers", "ours")
+            }
+        anchor = rows["transformers"]["decode_tok_s"]
+        for impl, r in rows.items():
+            print(
+                f"| {name} | {spec['dtype']} | {impl} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
+                f"{r['decode_tok_s'] / anchor:.2f}x | {limit:.2f} | {100 * r['decode_tok_s'] / limit:.0f}% | "
+                f"{r['peak_rss_gib']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The `codegemma` command line. Thin: parse, call the library, print.
+
+    codegemma complete --prefix 'def add(a, b):\\n    return ' --suffix '\\n'
+    codegemma complete --file app.py --line 12 --column 9
+    codegemma chat --model path/to/codegemma-7b-it
+    codegemma info --model path/to/model
+
+Subsystems add their own commands (`eval`, `data`, `tokenizer`, ...) through a `register(subparsers)`
+function in their package; those modules import their heavy dependencies only when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+SUBSYSTEMS = (
+    "codegemma.train.tokenizer",
+    "codegemma.data.cli",
+    "codegemma.eval.cli",
+    "codegemma.train.cli",
+    "codegemma.server.cli",
+)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="model directory or HF-cache id (default: the bundled model)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="compute dtype (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    import codegemma
+
+    return codegemma.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def split_at_cursor(text: str, line: int, column: int) -> tuple[str, str]:
+    """(prefix, suffix) of `text` at a 1-based line and column, as editors count them."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise ValueError(f"--line {line} is outside the file (1..{len(lines)})")
+    if not 1 <= column <= len(lines[line - 1]) + 1:
+        raise ValueError(
+            f"--column {column} is outside line {line} (1..{len(lines[line - 1]) + 1})"
+        )
+    offset = sum(len(ln) + 1 for ln in lines[: line - 1]) + column - 1
+    return text[:offset], text[offset:]
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from codegemma.prompts import ContextFile
+
+    path = args.path
+    if args.file:
+        if args.line is None or args.column is None:
+            raise ValueError("--file needs --line and --column (1-based) to place the cursor")
+        prefix, suffix = split_at_cursor(
+            Path(args.file).read_text(encoding="utf-8"), args.line, args.column
+        )
+        path = path or args.file
+    elif args.prefix is not None:
+        prefix, suffix = _unescape(args.prefix), _unescape(args.suffix or "")
+    else:
+        raise ValueError("give --prefix [--suffix], or --file with --line and --column")
+    files = [ContextFile(path=f, text=Path(f).read_text(encoding="utf-8")) for f in args.context]
+    cg = _load(args)
+    middle = cg.complete(
+        prefix, suffix, path=path, files=files, mode=args.mode, **_sampling_options(args)
+    )
+    if args.show:
+        bold, reset = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        print(f"{prefix}{bold}{middle}{reset}{suffix}")
+    else:
+        sys.stdout.write(middle + ("\n" if not middle.endswith("\n") else ""))
+    return 0
+
+
+def _unescape(text: str) -> str:
+    """Shell-friendly escapes in --prefix/--suffix: \\n, \\t and \\\\."""
+    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    cg = _load(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = args.message is None
+    while True:
+        if interactive:
+            try:
+                text = input("you> ")
+            except EOFError:
+                return 0
+            if not text.strip():
+                continue
+        else:
+            text = args.message
+        messages.append({"role": "user", "content": text})
+        reply = cg.chat(messages, **_sampling_options(args))
+        messages.append({"role": "model", "content": reply})
+        print(reply if not interactive else f"model> {reply}")
+        if not interactive:
+            return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from codegemma.checkpoint import describe, resolve_model
+    from codegemma.config import ModelConfig
+
+    path = resolve_model(args.model) if args.model else _bundled_path()
+    config = ModelConfig.load(path)
+    info = {
+        "path": str(path),
+        "attention": config.attention_kind,
+        "parameters": config.num_parameters,
+        "non_embedding_parameters": config.num_non_embedding_parameters,
+        "config": config.to_hf_dict(),
+        "checkpoint": describe(path),
+    }
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _bundled_path() -> Path:
+    from codegemma.api import BUNDLED_MODEL
+
+    return BUNDLED_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codegemma", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("complete", help="fill in the middle between a prefix and a suffix")
+    _model_args(p)
+    p.add_argument("--prefix", help="text before the cursor (\\n escapes allowed)")
+    p.add_argument("--suffix", help="text after the cursor")
+    p.add_argument("--file", help="a source file; the cursor is at --line/--column (1-based)")
+    p.add_argument("--line", type=int)
+    p.add_argument("--column", type=int)
+    p.add_argument("--path", help="the file's path for the prompt header (default: --file)")
+    p.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another file of the repository to show the model (repeatable)",
+    )
+    p.add_argument("--mode", choices=["auto", "line", "block"], default="auto")
+    p.add_argument("--show", action="store_true", help="print prefix + middle + suffix")
+    _sampling_args(p, max_new_tokens=128)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("chat", help="chat with an instruction-tuned model")
+    _model_args(p)
+    p.add_argument("--message", help="one message, answered, then exit (default: interactive)")
+    p.add_argument("--system", help="folded into the first user turn (Gemma has no system role)")
+    _sampling_args(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="config, parameter count, dtype and files of a model")
+    p.add_argument("--model", "-m", default=None)
+    p.set_defaults(func=cmd_info)
+
+    for name in SUBSYSTEMS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # that subsystem is not part of this installation
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"codegemma {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

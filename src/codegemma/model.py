@@ -1,0 +1,320 @@
+"""The Gemma 1 decoder (CodeGemma 2B / 7B) in one readable file.
+
+Numerics follow transformers' `GemmaForCausalLM` exactly, so logits agree to float tolerance:
+RMSNorm computed in fp32 and scaled by (1 + w); MLP down(gelu_tanh(gate(x)) * up(x)); embeddings
+multiplied by sqrt(hidden) cast to the weight dtype (bf16 sqrt(3072) = 55.5); rotary embeddings
+(half-split) with cos/sin computed in fp32 then cast to the activation dtype; attention scaled by
+head_dim^-0.5 with fp32 softmax (inside SDPA); MQA/GQA/MHA by `num_key_value_heads`; tied
+input/output embeddings unless the config unties them.
+
+Parameter names are transformers' (`model.layers.N.self_attn.q_proj.weight` ...), so a state dict
+moves between the two without renaming (see checkpoint.py).
+
+Incremental decoding uses `KVCache`: a static buffer allocated once, indexed by per-row positions.
+Each row of a batch carries its own positions, so prompts of different lengths are right-padded and
+decoded side by side, and a server can put unrelated requests in different rows (slots): a query at
+position p attends to cache entries 0..p of its own row only, and padding written beyond a row's end
+is overwritten before it is ever attended to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codegemma.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # stored raw; the scale is (1 + weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device)
+        return 1.0 / (self.theta ** (exponents / self.head_dim))
+
+    def reset_buffers(self, device: torch.device) -> None:
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions [B, T] -> cos, sin [B, 1, T, D], computed in fp32 as transformers does
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class LayerCache(nn.Module):
+    """Keys and values of one layer for `batch_size` rows of up to `max_seq_len` positions."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # [B, Hkv, S, D]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, rows: Tensor | slice, positions: Tensor, k: Tensor, v: Tensor, kv_len: int):
+        """Write k/v [B, Hkv, T, D] at (rows, positions [B, T]); return keys/values [B, Hkv, kv_len, D].
+
+        `rows` as a slice (contiguous slots, the decode case) reads the cache as a view; a tensor of
+        row ids (scattered slots, the prefill case) gathers a copy of just those rows."""
+        if isinstance(rows, slice):
+            k_rows, v_rows = self.k[rows], self.v[rows]
+            r = torch.arange(k.shape[0], device=k.device)[:, None]
+        else:
+            k_rows, v_rows, r = self.k, self.v, rows[:, None]
+        k_rows[r, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        v_rows[r, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        if isinstance(rows, slice):
+            return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
+
+
+class KVCache(nn.Module):
+    """Static KV cache for all layers, allocated once (gpt-fast style)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                f"({config.max_position_embeddings}); shorten the prompt or max_new_tokens"
+            )
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.layers = nn.ModuleList(
+            LayerCache(
+                batch_size, max_seq_len, config.num_key_value_heads, config.head_dim, dtype, device
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+
+
+def cache_mask(input_pos: Tensor) -> tuple[Tensor | None, int]:
+    """Which cache entries each query sees: keys 0..p of its own row for a query at position p.
+
+    Returns (mask [B, 1, T, kv_len] or None, kv_len). None when no mask is needed: every row
+    decoding at the same position (all kv_len keys visible), or a prefill from position 0 in
+    every row (plain causal attention)."""
+    B, T = input_pos.shape
+    lo, hi = int(input_pos.min()), int(input_pos.max())
+    if T == 1 and lo == hi:
+        return None, hi + 1
+    if hi == T - 1 and torch.equal(
+        input_pos, torch.arange(T, device=input_pos.device).expand(B, T)
+    ):
+        return None, T
+    keys = torch.arange(hi + 1, device=input_pos.device)
+    return keys[None, None, None, :] <= input_pos[:, None, :, None], hi + 1
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, q, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerCache | None,
+        rows: Tensor | slice | None,
+        positions: Tensor,
+        kv_len: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(rows, positions, k, v, kv_len)  # [B, Hkv, kv_len, D]
+        y = attend(q, k, v, mask, causal=cache is None or mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v for q [B, H, T, D] and k, v [B, Hkv, S, D] -> [B, H, T, D].
+
+    Causal (prefill from position 0, training): SDPA's causal kernel over repeated kv heads.
+    Otherwise (decoding): the query heads sharing a kv head are folded into the query axis, so
+    MQA/GQA attend without copying the cache per head; `mask` [B, 1, T, S] (None = all visible)."""
+    B, H, T, D = q.shape
+    n_rep = H // k.shape[1]
+    if causal and T > 1:
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5)
+    q = q.reshape(B, k.shape[1], n_rep * T, D)  # heads h = j * n_rep + r share kv head j
+    if mask is not None:
+        mask = mask.repeat(1, 1, n_rep, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5)
+    return y.view(B, H, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, *attn_args) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Gemma decoder. `model(input_ids)` -> logits [B, T, vocab] in the weights' dtype."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.gradient_checkpointing = False
+
+    @property
+    def output_embedding(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: Tensor | slice | None = None,
+        logits_index: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids [B, T]; input_pos [B, T] absolute positions (default 0..T-1);
+        cache: a KVCache, written at (rows, input_pos); rows: cache rows, a [B] tensor of row ids
+        or a slice of B contiguous rows (default slice(0, B));
+        logits_index [B] computes logits only at that time step per row -> [B, 1, vocab]."""
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(input_pos, h.dtype)
+        mask, kv_len = None, T
+        if cache is not None:
+            rows = slice(0, B) if rows is None else rows
+            mask, kv_len = cache_mask(input_pos)
+        for i, layer in enumerate(self.model.layers):
+            args = (
+                cos,
+                sin,
+                mask,
+                None if cache is None else cache.layers[i],
+                rows,
+                input_pos,
+                kv_len,
+            )
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, *args, use_reentrant=False)
+            else:
+                h = layer(h, *args)
+        if logits_index is not None:
+            h = h[torch.arange(B, device=h.device), logits_index][:, None]  # [B, 1, D]
+        return F.linear(self.model.norm(h), self.output_embedding)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        w = self.model.embed_tokens.weight
+        # the normalizer is rounded to the weight dtype first, exactly as transformers does
+        return F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+
+    # -- construction helpers (used by checkpoint.py and train/) ---------------------------
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers, e.g. after building on the meta device."""
+        device = device or self.model.embed_tokens.weight.device
+        if torch.device(device).type == "meta":
+            raise ValueError("materialise the weights before reset_buffers()")
+        self.rotary.reset_buffers(torch.device(device))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> GemmaForCausalLM:
+        """Normal(0, std) for matrices, scaled down for residual outputs; zero norms (scale 1)."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.zero_()
+            else:
+                s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        return self
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)

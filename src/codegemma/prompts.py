@@ -1,0 +1,218 @@
+"""Token layouts, the one place that defines them: FIM (PSM/SPM), multi-file context, chat.
+
+Training data (data/fim.py) and inference (completion.py) both build their sequences here, so a
+model sees at inference exactly the layout it was trained on. Everything is assembled at the token
+level: sentinel ids come from `tok.special`, text goes through `tok.encode`, which never yields a
+special id, so nothing a user types (a literal "<|fim_middle|>" included) can inject a sentinel.
+
+Layouts (CodeGemma report, FIM paper's SPM variant used jointly with PSM):
+    PSM   <|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>M
+    SPM   <|fim_prefix|><|fim_suffix|>S<|fim_middle|>P M
+    files path\\n text <|file_separator|> path\\n text ...
+    chat  <bos><start_of_turn>user\\n{msg}<end_of_turn>\\n<start_of_turn>model\\n
+
+    from codegemma.prompts import fim_prompt
+    ids = fim_prompt(tok, "def add(a, b):\\n    return ", "\\n", path="math.py")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from codegemma.tokenizer import Tokenizer
+
+CHAT_ROLES = {"user": "user", "model": "model", "assistant": "model"}
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be laid out; the message names the problem and the fix."""
+
+
+class FimMode(StrEnum):
+    PSM = "psm"
+    SPM = "spm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextFile:
+    """Another file of the repository, shown to the model before the file being completed."""
+
+    path: str
+    text: str
+
+
+def _mode(mode: FimMode | str) -> FimMode:
+    try:
+        return FimMode(mode)
+    except ValueError:
+        raise PromptError(f"unknown FIM mode {mode!r}; use 'psm' or 'spm'") from None
+
+
+# -- fill-in-the-middle --------------------------------------------------------------------
+def fim_prompt(
+    tok: Tokenizer,
+    prefix: str,
+    suffix: str,
+    *,
+    mode: FimMode | str = FimMode.PSM,
+    path: str | None = None,
+    files: Sequence[ContextFile] = (),
+    bos: bool = True,
+) -> list[int]:
+    """Inference prompt whose continuation is the middle; prefix and suffix may be empty.
+
+    [bos] + (path\\n text <|file_separator|>) per context file + (path\\n if path) + then
+    PSM: <pre>P<suf>S<mid>   SPM: <pre><suf>S<mid>P
+    """
+    sp = tok.special
+    ids = [sp.bos] if bos else []
+    for f in files:
+        if not isinstance(f, ContextFile):
+            raise PromptError(f"files must be ContextFile(path=..., text=...), got {f!r}")
+        ids += file_tokens(tok, f.path, tok.encode(f.text)) + [sp.file_separator]
+    if path:
+        ids += tok.encode(path + "\n")
+    pre, suf = tok.encode(prefix), tok.encode(suffix)
+    if _mode(mode) is FimMode.PSM:
+        return ids + [sp.fim_prefix, *pre, sp.fim_suffix, *suf, sp.fim_middle]
+    return ids + [sp.fim_prefix, sp.fim_suffix, *suf, sp.fim_middle, *pre]
+
+
+def fim_example(
+    tok: Tokenizer, prefix: str, middle: str, suffix: str, *, mode: FimMode | str
+) -> list[int]:
+    """Training layout of one file's FIM'd text (no bos, no path header).
+
+    Prefix and middle are encoded separately, as at inference the prompt ends with the prefix's
+    tokens and the model writes the middle's.
+    """
+    sp = tok.special
+    pre, mid, suf = tok.encode(prefix), tok.encode(middle), tok.encode(suffix)
+    if _mode(mode) is FimMode.PSM:
+        return [sp.fim_prefix, *pre, sp.fim_suffix, *suf, sp.fim_middle, *mid]
+    return [sp.fim_prefix, sp.fim_suffix, *suf, sp.fim_middle, *pre, *mid]
+
+
+def file_tokens(tok: Tokenizer, path: str, body_ids: list[int]) -> list[int]:
+    """A file as the model sees it in a multi-file sample: `path\\n` then its body."""
+    return tok.encode(path + "\n") + list(body_ids)
+
+
+def join_files(tok: Tokenizer, files_ids: Sequence[list[int]]) -> list[int]:
+    """Files of one repository sample, separated by <|file_separator|>."""
+    out: list[int] = []
+    for i, ids in enumerate(files_ids):
+        if i:
+            out.append(tok.special.file_separator)
+        out += ids
+    return out
+
+
+def fim_stop_ids(tok: Tokenizer) -> frozenset[int]:
+    """Ids that end a FIM completion: the four FIM sentinels and eos."""
+    sp = tok.special
+    return frozenset((sp.fim_prefix, sp.fim_middle, sp.fim_suffix, sp.file_separator, sp.eos))
+
+
+# -- chat (CodeGemma 7B-IT) ----------------------------------------------------------------
+def fold_system(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Gemma has no system role: prepend a leading system message to the first user turn.
+
+    The system text is followed by "\\n\\n" and then the user's text, the convention Gemma's own
+    documentation suggests. Only a system message in first position is accepted.
+    """
+    msgs = [dict(m) for m in messages]
+    if not msgs or msgs[0].get("role") != "system":
+        return msgs
+    system, rest = msgs[0], msgs[1:]
+    if any(m.get("role") == "system" for m in rest):
+        raise PromptError("only one system message, in first position, can be folded")
+    if not rest or rest[0].get("role") != "user":
+        raise PromptError("a system message must be followed by a user message to fold it into")
+    rest[0]["content"] = f"{system.get('content', '')}\n\n{rest[0].get('content', '')}"
+    return rest
+
+
+def _turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(role, content) with assistant -> model, checking Gemma's user/model alternation."""
+    turns = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role == "system":
+            raise PromptError(
+                "Gemma's chat template has no system role; fold the system text into the first "
+                "user turn with codegemma.prompts.fold_system(messages)"
+            )
+        if role not in CHAT_ROLES:
+            raise PromptError(f"message {i} has role {role!r}; use 'user' or 'model'/'assistant'")
+        if not isinstance(content, str):
+            raise PromptError(f"message {i} content must be a str, got {type(content).__name__}")
+        expected = "user" if i % 2 == 0 else "model"
+        if CHAT_ROLES[role] != expected:
+            raise PromptError(
+                f"message {i} is a {role!r} turn but roles must alternate user/model starting "
+                "with user"
+            )
+        turns.append((CHAT_ROLES[role], content.strip()))  # the official template trims
+    return turns
+
+
+def _turn_ids(tok: Tokenizer, role: str, content: str) -> tuple[list[int], list[int], list[int]]:
+    """(header, body, trailer) of one turn: <sot>role\\n | content<eot> | \\n"""
+    sp = tok.special
+    if sp.start_of_turn is None or sp.end_of_turn is None:
+        raise PromptError(
+            f"{tok.path} has no <start_of_turn>/<end_of_turn> tokens; chat needs a Gemma "
+            "tokenizer with turn tokens"
+        )
+    header = [sp.start_of_turn, *tok.encode(role + "\n")]
+    return header, [*tok.encode(content), sp.end_of_turn], tok.encode("\n")
+
+
+def chat_prompt(
+    tok: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> list[int]:
+    """Ids of Gemma's chat template; with add_generation_prompt it ends `<start_of_turn>model\\n`.
+
+    Role header, content and trailer are encoded separately so a reply's tokens are the same in
+    a prompt, in training (chat_example) and when generated.
+    """
+    turns = _turns(messages)
+    if not turns:
+        raise PromptError("chat_prompt needs at least one message")
+    if add_generation_prompt and turns[-1][0] == "model":
+        raise PromptError("the last message must be a user turn to add a generation prompt")
+    ids = [tok.special.bos]
+    for role, content in turns:
+        header, body, trailer = _turn_ids(tok, role, content)
+        ids += header + body + trailer
+    if add_generation_prompt:
+        ids += _turn_ids(tok, "model", "")[0]
+    return ids
+
+
+def chat_example(
+    tok: Tokenizer, messages: Sequence[Mapping[str, Any]]
+) -> tuple[list[int], list[bool]]:
+    """SFT example: ids and a loss mask that is True on each model reply and its <end_of_turn>.
+
+    User turns, the `<start_of_turn>model\\n` headers and the "\\n" after each turn are masked out.
+    """
+    turns = _turns(messages)
+    if not any(role == "model" for role, _ in turns):
+        raise PromptError("chat_example needs at least one model reply to learn from")
+    ids, mask = [tok.special.bos], [False]
+    for role, content in turns:
+        header, body, trailer = _turn_ids(tok, role, content)
+        ids += header + body + trailer
+        mask += [False] * len(header) + [role == "model"] * len(body) + [False] * len(trailer)
+    return ids, mask
+
+
+def chat_stop_ids(tok: Tokenizer) -> frozenset[int]:
+    """Ids that end a chat reply: <end_of_turn> (when present) and eos."""
+    sp = tok.special
+    return frozenset(i for i in (sp.end_of_turn, sp.eos) if i is not None)

@@ -1,0 +1,1 @@
+"""Training: tokenizer training, trainer loop, schedules, checkpoint/resume, SFT for chat."""

@@ -1,0 +1,155 @@
+"""completion.py: prompt fitting, stops at sentinels, single-line/block modes, suffix-repeat trims.
+
+End-to-end cases run the real engine over a *scripted* model: a module that emits a fixed token
+sequence after the prompt, so the test controls exactly what "the model" writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from codegemma import prompts
+from codegemma.completion import (
+    CompletionRequest,
+    build_prompt,
+    complete,
+    complete_batch,
+    cursor_is_mid_line,
+    postprocess,
+)
+from codegemma.config import ModelConfig
+from codegemma.engine import Engine
+from codegemma.model import KVCache
+
+
+class ScriptedModel(nn.Module):
+    """Emits `script` token by token after the prompt (one-hot logits), whatever the prompt."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__()
+        self.config = ModelConfig.preset("tiny")
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(self.config.vocab_size, 4)
+        self.script = script
+        self.prompt_len = 0
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_seq_len, torch.float32)
+
+    def forward(self, ids, input_pos, cache=None, rows=None, logits_index=None):
+        if logits_index is not None:  # prefill: remember where the prompt ends
+            self.prompt_len = int(logits_index.max()) + 1
+            pos = logits_index[:, None]
+        else:
+            pos = input_pos
+        step = (pos - self.prompt_len + 1).clamp(0, len(self.script) - 1)
+        return nn.functional.one_hot(
+            torch.tensor(self.script)[step], self.config.vocab_size
+        ).float()
+
+
+def run(
+    tokenizer, text: str, request: CompletionRequest, *, sentinel: int | None = None, **kw
+) -> str:
+    script = tokenizer.encode(text) + ([sentinel] if sentinel is not None else [])
+    script += tokenizer.encode("\nTAIL_AFTER_THE_END\n")
+    engine = Engine(ScriptedModel(script), tokenizer, max_batch_size=1)
+    return complete_batch(engine, tokenizer, [request], max_new_tokens=len(script), **kw)[0]
+
+
+def test_stops_at_every_fim_sentinel_and_eos(tiny_tokenizer):
+    sp = tiny_tokenizer.special
+    req = CompletionRequest(prefix="def f(x):\n    return ", suffix="", mode="block")
+    for sentinel in (sp.fim_prefix, sp.fim_suffix, sp.fim_middle, sp.file_separator, sp.eos):
+        assert run(tiny_tokenizer, "x + 1", req, sentinel=sentinel) == "x + 1"
+
+
+def test_single_line_when_the_cursor_is_mid_line(tiny_tokenizer):
+    req = CompletionRequest(prefix="total = add(", suffix=")\nprint(total)\n")
+    assert req.single_line
+    assert run(tiny_tokenizer, "a, b\nc = 3", req) == "a, b"
+
+
+def test_suffix_repeat_at_the_end_is_trimmed(tiny_tokenizer):
+    req = CompletionRequest(prefix="total = add(", suffix=")\n")
+    assert run(tiny_tokenizer, "a, b)", req) == "a, b"
+
+
+def test_block_mode_stops_where_the_block_ends(tiny_tokenizer):
+    req = CompletionRequest(prefix="def f(x):\n    ", suffix="\n\nprint(f(2))\n")
+    assert not req.single_line
+    text = "y = x * 2\n    return y\ndef g():\n    pass"
+    assert (
+        run(tiny_tokenizer, text, req, sentinel=tiny_tokenizer.eos_id) == "y = x * 2\n    return y"
+    )
+
+
+def test_block_mode_stops_before_repeating_the_suffix(tiny_tokenizer):
+    req = CompletionRequest(prefix="def f(x):\n    ", suffix="\n    return y\n")
+    text = "y = x + 1\n    return y\n"
+    assert run(tiny_tokenizer, text, req, sentinel=tiny_tokenizer.eos_id) == "y = x + 1"
+
+
+def test_user_stop_strings(tiny_tokenizer):
+    req = CompletionRequest(prefix="x = ", suffix="", mode="block")
+    assert run(tiny_tokenizer, "1  # done", req, stop=["  #"]) == "1"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "mid_line"),
+    [("", False), ("\n", False), ("   \nfoo", False), (")", True), ("  x\n", True)],
+)
+def test_cursor_mid_line(suffix, mid_line):
+    assert cursor_is_mid_line(suffix) is mid_line
+
+
+def test_postprocess_rules():
+    line = CompletionRequest(prefix="a = ", suffix="  # note", mode="line")
+    assert postprocess("1\n2", line) == "1"
+    assert postprocess("   \n\t", CompletionRequest(prefix="x", mode="block")) == ""
+    top = CompletionRequest(prefix="import os\n", suffix="", mode="block")
+    assert postprocess("def f():\n    pass\n\nx = 1\n", top) == "def f():\n    pass\n\nx = 1\n"
+    body = CompletionRequest(prefix="class A:\n    def f(self):\n", suffix="", mode="block")
+    # at column 0 after `def f(self):` the block is f's body: the next method ends it
+    got = postprocess("        return 1\n    def g(self):\n        pass\nB = 1", body)
+    assert got == "        return 1"
+    method = CompletionRequest(prefix="class A:\n    def f(self):\n        ", mode="block")
+    assert postprocess("return 1\n    def g(self):\n        pass", method) == "return 1"
+
+
+def test_prompt_is_fitted_into_the_budget(tiny_tokenizer):
+    files = tuple(
+        prompts.ContextFile(path=f"lib/m{i}.py", text="def helper():\n    return 42\n" * 5)
+        for i in range(3)
+    )
+    req = CompletionRequest(
+        prefix="def main():\n" + "    x = 1\n" * 80 + "    ",
+        suffix="\n" * 3 + "print(main())\n" * 30,
+        path="app.py",
+        files=files,
+    )
+    full = build_prompt(tiny_tokenizer, req, budget=10_000)
+    assert len(full) > 400
+    fitted = build_prompt(tiny_tokenizer, req, budget=200)
+    assert len(fitted) <= 200
+    sp = tiny_tokenizer.special
+    assert sp.file_separator not in fitted  # context files go first
+    pre = fitted[fitted.index(sp.fim_prefix) + 1 : fitted.index(sp.fim_suffix)]
+    suf = fitted[fitted.index(sp.fim_suffix) + 1 : fitted.index(sp.fim_middle)]
+    assert req.prefix.endswith(tiny_tokenizer.decode(pre))  # the text nearest the cursor stays
+    assert req.suffix.startswith(tiny_tokenizer.decode(suf))
+    assert fitted[0] == sp.bos and fitted[-1] == sp.fim_middle
+
+
+def test_real_model_completion_is_clean_text(tiny_tokenizer):
+    from codegemma.model import GemmaForCausalLM
+
+    model = GemmaForCausalLM(ModelConfig.preset("tiny")).init_weights(std=0.3, seed=0)
+    engine = Engine(model, tiny_tokenizer)
+    out = complete(engine, tiny_tokenizer, "def add(a, b):\n    return ", "\n", max_new_tokens=16)
+    line = complete(engine, tiny_tokenizer, "x = f(", ")\n", max_new_tokens=16)
+    assert isinstance(out, str) and "\n" not in line
+    for text in (out, line):
+        assert "<|fim" not in text and "<|file_separator|>" not in text

@@ -1,0 +1,261 @@
+"""The generation engine: parity with transformers' greedy generate, batching, sampling, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codegemma.config import ModelConfig
+from codegemma.engine import Engine, SamplingParams
+from codegemma.engine.stops import StopText
+from codegemma.model import GemmaForCausalLM
+
+
+def tiny_model(kind_kv: int = 1, seed: int = 0) -> GemmaForCausalLM:
+    cfg = ModelConfig.preset("tiny").replace(num_key_value_heads=kind_kv)
+    return GemmaForCausalLM(cfg).init_weights(std=0.3, seed=seed).eval()
+
+
+def prompts_of(lengths, seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(108, 512, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def no_cache_greedy(model, prompt, n) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def hf_twin(model: GemmaForCausalLM):
+    hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(**model.config.to_hf_dict()))
+    hf.load_state_dict(model.state_dict(), strict=False)
+    hf.tie_weights()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_greedy_32_tokens_identical_to_transformers_with_and_without_cache(kv_heads):
+    model = tiny_model(kv_heads)
+    prompt = prompts_of([17])[0]
+    ours = Engine(model).generate([prompt], SamplingParams(max_new_tokens=32))[0]
+    with torch.no_grad():
+        out = hf_twin(model).generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert ours.token_ids == out[0, len(prompt) :].tolist()
+    assert ours.token_ids == no_cache_greedy(model, prompt, 32)
+    assert ours.finish_reason == "length" and ours.prompt_tokens == 17
+
+
+def test_repetition_penalty_matches_transformers():
+    model = tiny_model(1, seed=3)
+    prompt = prompts_of([9])[0]
+    ours = Engine(model).generate(
+        [prompt], SamplingParams(max_new_tokens=24, repetition_penalty=1.7)
+    )
+    with torch.no_grad():
+        out = hf_twin(model).generate(
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=1.7,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert ours[0].token_ids == out[0, len(prompt) :].tolist()
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one():
+    model = tiny_model()
+    prompts = prompts_of([3, 20, 7, 12, 1, 30, 5])
+    params = SamplingParams(max_new_tokens=12)
+    alone = [Engine(model).generate([p], params)[0].token_ids for p in prompts]
+    # fewer slots than prompts: requests join as others finish (continuous batching)
+    together = Engine(model, max_batch_size=3).generate(prompts, params)
+    assert [r.token_ids for r in together] == alone
+
+
+def test_mixed_max_new_tokens_free_slots_early():
+    model = tiny_model()
+    prompts = prompts_of([5, 6, 7, 8])
+    params = [SamplingParams(max_new_tokens=n) for n in (1, 9, 2, 4)]
+    results = Engine(model, max_batch_size=2).generate(prompts, params)
+    assert [len(r.token_ids) for r in results] == [1, 9, 2, 4]
+    for p, r, sp in zip(prompts, results, params, strict=True):
+        assert r.token_ids == no_cache_greedy(model, p, sp.max_new_tokens)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    model = tiny_model()
+    p = prompts_of([8])[0]
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=1234)
+    a = Engine(model).generate([p], params)[0].token_ids
+    b = (
+        Engine(model, max_batch_size=4)
+        .generate(
+            prompts_of([3, 11, 5]) + [p],
+            [SamplingParams(max_new_tokens=20, temperature=1.0)] * 3 + [params],
+        )[3]
+        .token_ids
+    )
+    c = Engine(model).generate([p], params.__class__(max_new_tokens=20, temperature=1.0, seed=99))
+    assert a == b
+    assert a != c[0].token_ids
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny_model()
+    p = prompts_of([10])[0]
+    greedy = Engine(model).generate([p], SamplingParams(max_new_tokens=10))[0].token_ids
+    for params in (
+        SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1, seed=0),
+        SamplingParams(max_new_tokens=10, temperature=2.0, top_p=1e-6, seed=0),
+    ):
+        assert Engine(model).generate([p], params)[0].token_ids == greedy
+
+
+def test_top_k_restricts_choices():
+    model = tiny_model()
+    p = prompts_of([4])[0]
+    with torch.no_grad():
+        top5 = set(model(torch.tensor([p]))[0, -1].topk(5).indices.tolist())
+    firsts = {
+        Engine(model)
+        .generate([p], SamplingParams(max_new_tokens=1, temperature=5.0, top_k=5, seed=s))[0]
+        .token_ids[0]
+        for s in range(40)
+    }
+    assert firsts <= top5 and len(firsts) > 1
+
+
+def test_stop_token_ends_generation(tiny_tokenizer):
+    model = tiny_model()
+    p = prompts_of([6])[0]
+    full = Engine(model).generate([p], SamplingParams(max_new_tokens=16))[0].token_ids
+    stop_at = full[5]
+    k = full.index(stop_at)
+    res = Engine(model, tiny_tokenizer).generate(
+        [p], SamplingParams(max_new_tokens=16, stop_token_ids=frozenset({stop_at}))
+    )[0]
+    assert res.token_ids == full[: k + 1]
+    assert res.finish_reason == "stop" and res.stop == stop_at
+    assert res.text == tiny_tokenizer.decode(full[:k])
+
+
+def test_stop_string_spanning_token_boundary(tiny_tokenizer):
+    model = tiny_model(seed=5)
+    p = prompts_of([6])[0]
+    engine = Engine(model, tiny_tokenizer)
+    full = engine.generate([p], SamplingParams(max_new_tokens=24))[0]
+    texts = [tiny_tokenizer.decode(full.token_ids[:i]) for i in range(25)]
+    # a stop string made of the last 2 characters of one token's text and the first 2 of the next
+    candidates = [
+        texts[i][-2:] + texts[i + 1][len(texts[i]) : len(texts[i]) + 2]
+        for i in range(2, 23)
+        if texts[i + 1].startswith(texts[i])
+        and len(texts[i + 1]) - len(texts[i]) >= 2
+        and len(texts[i]) >= 2
+        and "\ufffd" not in texts[i + 1]
+    ]
+    stop = next(c for c in candidates if full.text.index(c) > 0)
+    res = engine.generate([p], SamplingParams(max_new_tokens=24, stop_strings=(stop,)))[0]
+    assert res.finish_reason == "stop" and res.stop == stop
+    assert res.text == full.text[: full.text.index(stop)]
+
+
+def test_stream_deltas_concatenate_to_the_result(tiny_tokenizer):
+    model = tiny_model(seed=2)
+    p = prompts_of([5])[0]
+    engine = Engine(model, tiny_tokenizer)
+    events = list(engine.stream(p, SamplingParams(max_new_tokens=20)))
+    assert events[-1].finished and sum(e.finished for e in events) == 1
+    assert "".join(e.delta for e in events) == events[-1].result.text
+    assert engine.num_active == 0
+
+
+def test_abandoned_stream_and_cancel_free_the_slot(tiny_tokenizer):
+    model = tiny_model()
+    engine = Engine(model, tiny_tokenizer, max_batch_size=1)
+    stream = engine.stream(prompts_of([5])[0], SamplingParams(max_new_tokens=50))
+    next(stream)
+    stream.close()
+    assert engine.num_active == 0 and not engine.has_work()
+    rid = engine.submit(prompts_of([4])[0], SamplingParams(max_new_tokens=50))
+    engine.step()
+    engine.cancel(rid)
+    (event,) = engine.step()
+    assert event.result.finish_reason == "cancelled" and engine.num_active == 0
+
+
+def test_bad_requests_are_refused():
+    engine = Engine(tiny_model(), max_batch_size=1)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="context holds"):
+        engine.submit([2] * 600, SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([2, 9999], SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.submit([2], SamplingParams(stop_strings=("x",)))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_generation_is_clamped_to_the_context():
+    engine = Engine(tiny_model(), max_batch_size=1)
+    res = engine.generate([[2] * 500], SamplingParams(max_new_tokens=100))[0]
+    assert len(res.token_ids) == 12 and res.finish_reason == "length"
+
+
+class PieceTokenizer:
+    """Token i decodes to pieces[i]: drives StopText with arbitrary token boundaries."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def stream_decoder(self):
+        pieces = self.pieces
+
+        class Decoder:
+            def push(self, i):
+                return pieces[i]
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text("ab\n", min_size=1, max_size=3), min_size=1, max_size=12),
+    st.lists(st.text("ab\n", min_size=1, max_size=4), min_size=1, max_size=3),
+)
+def test_stop_text_releases_exactly_the_text_before_the_earliest_stop(pieces, stops):
+    stop_text = StopText(PieceTokenizer(pieces), stops)
+    released, matched = [], None
+    for i in range(len(pieces)):
+        delta, matched = stop_text.push(i)
+        released.append(delta)
+        if matched:
+            break
+    if not matched:
+        released.append(stop_text.finish())
+    full = "".join(pieces)
+    hits = [(full.find(s), s) for s in stops if s in full]
+    expected = full[: min(hits)[0]] if hits else full
+    assert "".join(released) == expected
+    # nothing released ever ran past the final text
+    assert all(expected.startswith("".join(released[: k + 1])) for k in range(len(released)))
