@@ -70,3 +70,21 @@ def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
     """Each test using this runs once per file kind."""
     name = "tiny_tokenizer" if request.param == "json" else "tiny_sp_tokenizer"
     return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A complete model directory: a random-weight "tiny" Gemma (seeded) plus the tiny tokenizer.
+    Loadable by `codegemma.load` and by transformers. Treat it as read-only."""
+    import shutil
+
+    from codegemma.checkpoint import save_model
+    from codegemma.config import ModelConfig
+    from codegemma.model import GemmaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny"
+    model = GemmaForCausalLM(ModelConfig.preset("tiny")).init_weights(std=0.3, seed=0)
+    save_model(model, model.config, out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out

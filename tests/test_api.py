@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 import transformers
 
 import codegemma
-from codegemma.checkpoint import save_model
 from codegemma.cli import main, split_at_cursor
 from codegemma.config import ModelConfig
-from codegemma.model import GemmaForCausalLM
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    out = tmp_path_factory.mktemp("tiny_model") / "tiny"
-    model = GemmaForCausalLM(ModelConfig.preset("tiny")).init_weights(std=0.3, seed=0)
-    save_model(model, model.config, out)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_load_exposes_config_model_tokenizer(model_dir):
