@@ -92,12 +92,16 @@ def saved(tmp_path: Path) -> tuple[GemmaForCausalLM, ModelConfig, Path]:
 def test_round_trip_unsharded(saved) -> None:
     model, cfg, out = saved
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors",
-    ]  # fmt: skip
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert read_header(out / "model.safetensors").metadata == {"format": "pt"}
     assert json.loads((out / "generation_config.json").read_text()) == {
-        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
-    }  # fmt: skip
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    }
     loaded, loaded_cfg = load_model(out)
     assert loaded_cfg == cfg
     assert not loaded.training
@@ -259,8 +263,10 @@ def test_save_back_into_the_directory_it_was_loaded_from(saved) -> None:
     save_model(loaded, cfg, out, max_shard_bytes=50_000)  # the old file is mmapped meanwhile
     save_model(loaded, cfg, out)  # and back to one file: stale shards and index go away
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors",
-    ]  # fmt: skip
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     reloaded, _ = load_model(out)
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, expected[k]), k
@@ -356,8 +362,11 @@ def test_truncated_and_corrupt_files(tmp_path) -> None:
         read_header(f)
     entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
     write_raw(f, {"w": entry}, b"\0" * 8)
-    with pytest.raises(CheckpointError, match=r"'w': data_offsets end at byte \d+, beyond the "
-                                              r"file end .*truncated"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"'w': data_offsets end at byte \d+, beyond the "
+        r"file end .*truncated",
+    ):
         read_header(f)
     write_raw(f, {"w": {**entry, "dtype": "Q4_K"}}, b"\0" * 16)
     with pytest.raises(CheckpointError, match=r"'w' has unsupported dtype 'Q4_K'; supported: F64"):
@@ -410,8 +419,11 @@ def test_index_inconsistent_with_shards_or_unreadable(tmp_path) -> None:
 
 def test_save_rejects_a_model_that_does_not_match_the_config(tmp_path) -> None:
     model = make_model(tiny())
-    with pytest.raises(CheckpointError, match=r"cannot save: tensor .* has shape \[512, 64\] but "
-                                              r"the config implies \[512, 32\]"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot save: tensor .* has shape \[512, 64\] but "
+        r"the config implies \[512, 32\]",
+    ):
         save_model(model, tiny(hidden_size=32), tmp_path / "x")
     with pytest.raises(CheckpointError, match="lacks 1 tensor.*lm_head.weight"):
         save_model(model, tiny(tie_word_embeddings=False), tmp_path / "x")
@@ -448,8 +460,9 @@ def crash_at(monkeypatch, k: int) -> list[int]:
     return count
 
 
-@pytest.mark.parametrize(("old_shards", "new_shards"), [(50_000, 50_000), (None, 60_000),
-                                                         (50_000, None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("old_shards", "new_shards"), [(50_000, 50_000), (None, 60_000), (50_000, None)]
+)
 def test_a_crash_at_any_point_never_leaves_a_directory_that_loads_wrong(
     tmp_path, monkeypatch, old_shards, new_shards
 ) -> None:
@@ -507,8 +520,9 @@ def test_describe(tmp_path) -> None:
 
 
 # -- resolve_model --------------------------------------------------------------------------------
-def fake_cache(root: Path, repo_id: str, revisions: list[str], main: str | None,
-               source: Path) -> Path:  # fmt: skip
+def fake_cache(
+    root: Path, repo_id: str, revisions: list[str], main: str | None, source: Path
+) -> Path:
     """The huggingface_hub layout: blobs, snapshots/<rev>/<file> symlinks, refs/main."""
     repo = root / ("models--" + repo_id.replace("/", "--"))
     (repo / "blobs").mkdir(parents=True)
@@ -542,8 +556,9 @@ def test_resolve_existing_directory_as_is(saved, no_network) -> None:
     assert resolve_model(str(saved[2])) == saved[2]
 
 
-def test_resolve_from_hf_hub_cache_prefers_refs_main(saved, tmp_path, monkeypatch,
-                                                     no_network) -> None:  # fmt: skip
+def test_resolve_from_hf_hub_cache_prefers_refs_main(
+    saved, tmp_path, monkeypatch, no_network
+) -> None:
     repo = fake_cache(tmp_path / "hub", "google/codegemma-2b", ["aaa1", "bbb2"], "aaa1", saved[2])
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
@@ -553,17 +568,20 @@ def test_resolve_from_hf_hub_cache_prefers_refs_main(saved, tmp_path, monkeypatc
     assert_same_state(saved[0], loaded)
 
 
-def test_resolve_newest_snapshot_without_refs_under_hf_home(saved, tmp_path, monkeypatch,
-                                                            no_network) -> None:  # fmt: skip
-    repo = fake_cache(tmp_path / "home" / "hub", "google/codegemma-2b", ["old", "new"], None,
-                      saved[2])  # fmt: skip
+def test_resolve_newest_snapshot_without_refs_under_hf_home(
+    saved, tmp_path, monkeypatch, no_network
+) -> None:
+    repo = fake_cache(
+        tmp_path / "home" / "hub", "google/codegemma-2b", ["old", "new"], None, saved[2]
+    )
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert resolve_model("google/codegemma-2b") == repo / "snapshots" / "new"
 
 
-def test_resolve_default_cache_under_home_and_stale_ref(saved, tmp_path, monkeypatch,
-                                                        no_network) -> None:  # fmt: skip
+def test_resolve_default_cache_under_home_and_stale_ref(
+    saved, tmp_path, monkeypatch, no_network
+) -> None:
     hub = tmp_path / "user" / ".cache" / "huggingface" / "hub"
     repo = fake_cache(hub, "gemma-tiny", ["r1", "r2"], "deleted-rev", saved[2])
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
@@ -649,8 +667,10 @@ def test_reader_round_trips_whatever_safetensors_writes(tmp_path, tensors) -> No
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=TMP_PATH_OK)
-@given(cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 399), st.integers(1, 255)),
-                                               max_size=3))  # fmt: skip
+@given(
+    cut=st.integers(0, 400),
+    flips=st.lists(st.tuples(st.integers(0, 399), st.integers(1, 255)), max_size=3),
+)
 def test_reader_meets_any_corruption_with_a_checkpoint_error(tmp_path, cut, flips) -> None:
     f = tmp_path / "c.safetensors"
     tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
@@ -694,8 +714,15 @@ RSS_PROBE = textwrap.dedent("""
 @pytest.mark.slow  # ~8 s: writes a 235 MB checkpoint and starts two interpreters
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_loading_maps_the_file_instead_of_copying_it(tmp_path) -> None:
-    cfg = tiny(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-               num_attention_heads=8, num_key_value_heads=8, head_dim=128)  # fmt: skip
+    cfg = tiny(
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     with torch.device("meta"):
         model = GemmaForCausalLM(cfg)
     model.to_empty(device="cpu")
@@ -707,8 +734,13 @@ def test_loading_maps_the_file_instead_of_copying_it(tmp_path) -> None:
     assert size > 190e6
 
     def probe(dtype: str) -> dict[str, int]:
-        run = subprocess.run([sys.executable, "-c", RSS_PROBE, str(out), dtype],
-                             capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, str(out), dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         return json.loads(run.stdout)
 
     same = probe("float32")

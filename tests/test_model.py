@@ -22,9 +22,11 @@ def small_config(kind: str, *, tie: bool = True, **kw) -> ModelConfig:
     heads, kv = SHAPES[kind]
     fields = dict(hidden_size=96, head_dim=24, intermediate_size=160, num_hidden_layers=3)
     return ModelConfig.preset("tiny").replace(
-        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tie,
         **{**fields, **kw},
-    )  # fmt: skip
+    )
 
 
 def pair(cfg: ModelConfig, dtype=torch.float32, seed=0):

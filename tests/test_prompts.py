@@ -50,8 +50,12 @@ def test_psm_and_spm_layouts(any_tokenizer: Tokenizer) -> None:
     p, s = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
     assert fim_prompt(tok, p, s) == [BOS, PRE, *tok.encode(p), SUF, *tok.encode(s), MID]
     assert fim_prompt(tok, p, s, mode=FimMode.SPM, bos=False) == [
-        PRE, SUF, *tok.encode(s), MID, *tok.encode(p)
-    ]  # fmt: skip
+        PRE,
+        SUF,
+        *tok.encode(s),
+        MID,
+        *tok.encode(p),
+    ]
     assert fim_prompt(tok, p, s, mode="spm") == fim_prompt(tok, p, s, mode=FimMode.SPM)
     assert (
         tok.decode(fim_prompt(tok, p, s))
@@ -73,12 +77,25 @@ def test_empty_prefix_and_suffix(any_tokenizer: Tokenizer) -> None:
 
 def test_path_and_context_files(any_tokenizer: Tokenizer) -> None:
     tok = any_tokenizer
-    files = (ContextFile(path="utils.py", text="def helper():\n    pass\n"),
-             ContextFile(path="b.py", text=""))  # fmt: skip
+    files = (
+        ContextFile(path="utils.py", text="def helper():\n    pass\n"),
+        ContextFile(path="b.py", text=""),
+    )
     ids = fim_prompt(tok, "x = ", "\n", path="main.py", files=files)
-    expected = [BOS, *tok.encode("utils.py\n"), *tok.encode(files[0].text), SEP,
-                *tok.encode("b.py\n"), SEP, *tok.encode("main.py\n"),
-                PRE, *tok.encode("x = "), SUF, *tok.encode("\n"), MID]  # fmt: skip
+    expected = [
+        BOS,
+        *tok.encode("utils.py\n"),
+        *tok.encode(files[0].text),
+        SEP,
+        *tok.encode("b.py\n"),
+        SEP,
+        *tok.encode("main.py\n"),
+        PRE,
+        *tok.encode("x = "),
+        SUF,
+        *tok.encode("\n"),
+        MID,
+    ]
     assert ids == expected
     assert tok.decode(ids) == (
         "<bos>utils.py\ndef helper():\n    pass\n<|file_separator|>b.py\n<|file_separator|>"
@@ -150,8 +167,11 @@ def test_fim_example_and_context_injection(
 
 def test_chat_prompt_matches_gemma_template(any_tokenizer: Tokenizer) -> None:
     tok = any_tokenizer
-    msgs = [{"role": "user", "content": "Write fib"}, {"role": "assistant", "content": "def fib"},
-            {"role": "user", "content": "  Thanks \n"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Write fib"},
+        {"role": "assistant", "content": "def fib"},
+        {"role": "user", "content": "  Thanks \n"},
+    ]
     ids = chat_prompt(tok, msgs)
     assert tok.decode(ids) == (
         "<bos><start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\ndef fib"
@@ -167,8 +187,11 @@ def test_chat_prompt_equals_transformers_template(
 ) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    msgs = [{"role": "user", "content": "Write fib"}, {"role": "assistant", "content": "def fib"},
-            {"role": "user", "content": "Thanks"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Write fib"},
+        {"role": "assistant", "content": "def fib"},
+        {"role": "user", "content": "Thanks"},
+    ]
     ref = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert chat_prompt(tiny_tokenizer, msgs) == list(ref)
@@ -196,11 +219,16 @@ def test_chat_role_errors(any_tokenizer: Tokenizer) -> None:
 
 
 def test_fold_system() -> None:
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "model", "content": "Hello"}]  # fmt: skip
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "model", "content": "Hello"},
+    ]
     folded = fold_system(msgs)
-    assert folded == [{"role": "user", "content": "Be brief.\n\nHi"},
-                      {"role": "model", "content": "Hello"}]  # fmt: skip
+    assert folded == [
+        {"role": "user", "content": "Be brief.\n\nHi"},
+        {"role": "model", "content": "Hello"},
+    ]
     assert msgs[1]["content"] == "Hi"  # the input is not mutated
     assert fold_system(msgs[1:]) == msgs[1:]
     with pytest.raises(PromptError, match="followed by a user message"):
@@ -211,8 +239,12 @@ def test_fold_system() -> None:
 
 def test_chat_example_mask(any_tokenizer: Tokenizer) -> None:
     tok = any_tokenizer
-    msgs = [{"role": "user", "content": "Q1"}, {"role": "model", "content": "A one"},
-            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A two 🎉"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Q1"},
+        {"role": "model", "content": "A one"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A two 🎉"},
+    ]
     ids, mask = chat_example(tok, msgs)
     assert len(ids) == len(mask)
     assert ids == chat_prompt(tok, msgs, add_generation_prompt=False)
@@ -235,8 +267,13 @@ def test_chat_injection(any_tokenizer: Tokenizer, user: str, reply: str) -> None
     marks, runs = _split_on(ids, tok.special_ids)
     assert marks == [BOS, SOT, EOT, SOT, EOT]
     assert [tok.decode(r) for r in runs] == [
-        "", "", f"user\n{user.strip()}", "\n", f"model\n{reply.strip()}", "\n"
-    ]  # fmt: skip
+        "",
+        "",
+        f"user\n{user.strip()}",
+        "\n",
+        f"model\n{reply.strip()}",
+        "\n",
+    ]
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
         f"{reply.strip()}<end_of_turn>"
     )

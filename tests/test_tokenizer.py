@@ -14,9 +14,17 @@ from hypothesis import strategies as st
 from codegemma.tokenizer import SPECIAL_STRINGS, Tokenizer, TokenizerError
 
 GEMMA_IDS = dict(
-    pad=0, eos=1, bos=2, unk=3, fim_prefix=67, fim_middle=68, fim_suffix=69, file_separator=70,
-    start_of_turn=106, end_of_turn=107,
-)  # fmt: skip
+    pad=0,
+    eos=1,
+    bos=2,
+    unk=3,
+    fim_prefix=67,
+    fim_middle=68,
+    fim_suffix=69,
+    file_separator=70,
+    start_of_turn=106,
+    end_of_turn=107,
+)
 SPECIAL_LIKE = (*SPECIAL_STRINGS.values(), "<mask>", "[multimodal]", "<unused0>", "<unused95>")
 MULTIBYTE = ("▁", "🎉", "日本語", "é", "ß", "𝔘𝔫𝔦", "👩‍👩‍👧", "\u0301", "\x00", "\r\n", "\t", "  ")
 

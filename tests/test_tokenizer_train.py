@@ -20,11 +20,26 @@ from codegemma.train.tokenizer import (
 )
 
 LAYOUT = {
-    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 5: "[multimodal]",
-    6: "<unused0>", 66: "<unused60>", 67: "<|fim_prefix|>", 68: "<|fim_middle|>",
-    69: "<|fim_suffix|>", 70: "<|file_separator|>", 71: "<unused61>", 105: "<unused95>",
-    106: "<start_of_turn>", 107: "<end_of_turn>", 108: "<0x00>", 173: "<0x41>", 363: "<0xFF>",
-}  # fmt: skip
+    0: "<pad>",
+    1: "<eos>",
+    2: "<bos>",
+    3: "<unk>",
+    4: "<mask>",
+    5: "[multimodal]",
+    6: "<unused0>",
+    66: "<unused60>",
+    67: "<|fim_prefix|>",
+    68: "<|fim_middle|>",
+    69: "<|fim_suffix|>",
+    70: "<|file_separator|>",
+    71: "<unused61>",
+    105: "<unused95>",
+    106: "<start_of_turn>",
+    107: "<end_of_turn>",
+    108: "<0x00>",
+    173: "<0x41>",
+    363: "<0xFF>",
+}
 CODE_SAMPLES = (
     "import os\n\n\ndef main():\n    print(os.getcwd())  # cwd\n",
     "class A:\n    def f(self, x):\n        return [x ** 2 for x in range(10)]\n",
@@ -103,8 +118,9 @@ def test_empty_corpus_and_bad_texts(tmp_path: Path) -> None:
         train_tokenizer(["ok", 5], 512, tmp_path)  # type: ignore[list-item]
 
 
-def test_training_is_deterministic_and_atomic(tmp_path: Path, tiny_tokenizer_dir: Path,
-                                              tiny_sp_tokenizer_dir: Path) -> None:  # fmt: skip
+def test_training_is_deterministic_and_atomic(
+    tmp_path: Path, tiny_tokenizer_dir: Path, tiny_sp_tokenizer_dir: Path
+) -> None:
     again = train_tokenizer(iter(tiny_corpus()), 512, tmp_path / "json")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (again / name).read_bytes() == (tiny_tokenizer_dir / name).read_bytes()
@@ -142,23 +158,59 @@ def test_cli_trains_from_directories_and_files(tmp_path: Path, capsys) -> None:
     extra = tmp_path / "NOTES"  # named explicitly: read whatever its extension
     extra.write_text("notes about the code\n")
     out = tmp_path / "tok"
-    rc = _cli(["tokenizer", "train", str(corpus), str(extra), "--vocab-size", "512",
-               "--out", str(out)])  # fmt: skip
+    rc = _cli(
+        ["tokenizer", "train", str(corpus), str(extra), "--vocab-size", "512", "--out", str(out)]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"trained on {len(TINY_CORPUS) + 1} file(s), skipped 1 undecodable" in printed
     tok = Tokenizer.load(out)
     assert tok.vocab_size == 512 and tok.special.fim_middle == 68
-    rc = _cli(["tokenizer", "train", str(corpus), "--vocab-size", "512", "--out",
-               str(tmp_path / "sp"), "--kind", "sentencepiece"])  # fmt: skip
+    rc = _cli(
+        [
+            "tokenizer",
+            "train",
+            str(corpus),
+            "--vocab-size",
+            "512",
+            "--out",
+            str(tmp_path / "sp"),
+            "--kind",
+            "sentencepiece",
+        ]
+    )
     assert rc == 0 and Tokenizer.load(tmp_path / "sp").kind == "tokenizer.model"
 
 
 def test_cli_reports_bad_arguments(tmp_path: Path, capsys) -> None:
-    assert _cli(["tokenizer", "train", str(tmp_path / "missing"), "--vocab-size", "512",
-                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        _cli(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path / "missing"),
+                "--vocab-size",
+                "512",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
     (tmp_path / "a.py").write_text("x = 1\n")
-    assert _cli(["tokenizer", "train", str(tmp_path), "--vocab-size", "300",
-                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        _cli(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "vocab_size > 364" in capsys.readouterr().err

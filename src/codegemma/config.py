@@ -152,8 +152,11 @@ class ModelConfig:
             if kw.get(name) is None:
                 kw.pop(name, None)
         kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kw and
-                   f.default is dataclasses.MISSING]  # fmt: skip
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kw and f.default is dataclasses.MISSING
+        ]
         if missing:
             raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
         return cls(**kw)
@@ -202,18 +205,32 @@ def _umask() -> int:
 PRESETS: dict[str, ModelConfig] = {
     # CodeGemma 2B: multi-query attention, for fast FIM completion.
     "2b": ModelConfig(
-        hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-        num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
     ),
     # CodeGemma 7B and 7B-IT: multi-head attention.
     "7b": ModelConfig(
-        hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
     ),
     # A seconds-to-build model for tests: GQA shape, vocab large enough for Gemma's special ids.
     "tiny": ModelConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
         torch_dtype="float32",
     ),
-}  # fmt: skip
+}

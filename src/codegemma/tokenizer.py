@@ -146,8 +146,14 @@ class _SPBackend:
 class Tokenizer:
     """Gemma tokenizer with special tokens by name, safe plain-text encoding and streaming decode."""
 
-    def __init__(self, backend: _HFBackend | _SPBackend, *, path: Path, data: bytes,
-                 names: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: _HFBackend | _SPBackend,
+        *,
+        path: Path,
+        data: bytes,
+        names: dict[str, str] | None = None,
+    ) -> None:
         self._backend = backend
         self.path = path
         self.kind = "tokenizer.json" if isinstance(backend, _HFBackend) else "tokenizer.model"

@@ -34,12 +34,18 @@ from codegemma.tokenizer import SPECIAL_STRINGS
 # -- Gemma's reserved ids ------------------------------------------------------------------
 _FIM = ("fim_prefix", "fim_middle", "fim_suffix", "file_separator")
 RESERVED_TOKENS: tuple[str, ...] = (
-    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]",
-    *(f"<unused{i}>" for i in range(61)),                 # ids 6..66
-    *(SPECIAL_STRINGS[k] for k in _FIM),                   # ids 67..70
-    *(f"<unused{i}>" for i in range(61, 96)),             # ids 71..105
-    SPECIAL_STRINGS["start_of_turn"], SPECIAL_STRINGS["end_of_turn"],  # ids 106, 107
-)  # fmt: skip
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "[multimodal]",
+    *(f"<unused{i}>" for i in range(61)),  # ids 6..66
+    *(SPECIAL_STRINGS[k] for k in _FIM),  # ids 67..70
+    *(f"<unused{i}>" for i in range(61, 96)),  # ids 71..105
+    SPECIAL_STRINGS["start_of_turn"],
+    SPECIAL_STRINGS["end_of_turn"],  # ids 106, 107
+)
 BYTE_TOKENS: tuple[str, ...] = tuple(f"<0x{b:02X}>" for b in range(256))
 FIRST_LEARNED_ID = len(RESERVED_TOKENS) + len(BYTE_TOKENS)  # 364
 
@@ -61,13 +67,65 @@ GEMMA_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
-CODE_EXTENSIONS = frozenset((
-    ".py", ".pyi", ".ipynb", ".js", ".jsx", ".ts", ".tsx", ".java", ".kt", ".kts", ".scala", ".c",
-    ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".m",
-    ".mm", ".lua", ".pl", ".r", ".jl", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".dart", ".sh",
-    ".bash", ".zsh", ".sql", ".html", ".htm", ".css", ".scss", ".md", ".rst", ".txt", ".json",
-    ".toml", ".yaml", ".yml", ".xml", ".cfg", ".ini",
-))  # fmt: skip
+CODE_EXTENSIONS = frozenset(
+    (
+        ".py",
+        ".pyi",
+        ".ipynb",
+        ".js",
+        ".jsx",
+        ".ts",
+        ".tsx",
+        ".java",
+        ".kt",
+        ".kts",
+        ".scala",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".cxx",
+        ".hpp",
+        ".hh",
+        ".cs",
+        ".go",
+        ".rs",
+        ".rb",
+        ".php",
+        ".swift",
+        ".m",
+        ".mm",
+        ".lua",
+        ".pl",
+        ".r",
+        ".jl",
+        ".hs",
+        ".ml",
+        ".ex",
+        ".exs",
+        ".erl",
+        ".clj",
+        ".dart",
+        ".sh",
+        ".bash",
+        ".zsh",
+        ".sql",
+        ".html",
+        ".htm",
+        ".css",
+        ".scss",
+        ".md",
+        ".rst",
+        ".txt",
+        ".json",
+        ".toml",
+        ".yaml",
+        ".yml",
+        ".xml",
+        ".cfg",
+        ".ini",
+    )
+)
 
 
 class TokenizerTrainingError(ValueError):
@@ -110,9 +168,12 @@ def _learn_bpe(texts: Iterable[str], budget: int) -> tuple[list[str], list[tuple
     # The library breaks frequency ties of limit_alphabet in hash order (not reproducible), so the
     # alphabet is chosen above and pinned: initial_alphabet chars are never dropped.
     trainer = BpeTrainer(
-        vocab_size=budget, min_frequency=2, show_progress=False,
-        initial_alphabet=alphabet, limit_alphabet=len(alphabet),
-    )  # fmt: skip
+        vocab_size=budget,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+    )
     tk.train_from_iterator((t for t in texts if t), trainer)
     model = json.loads(tk.to_str())["model"]
     by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
@@ -198,16 +259,33 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
         raise TokenizerTrainingError("no training text: pass at least one non-empty text")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        sentence_iterator=iter(docs),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         user_defined_symbols=list(RESERVED_TOKENS[4:]),
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
-        max_sentence_length=1 << 20, num_threads=1, input_sentence_size=0,
-        shuffle_input_sentence=False, minloglevel=2,
-    )  # fmt: skip
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        max_sentence_length=1 << 20,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
     out = Path(out_dir)
     _write_bytes_atomic(out / "tokenizer.model", model.getvalue())
     return out
@@ -280,9 +358,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help=f"> {FIRST_LEARNED_ID}")
     train.add_argument("--out", required=True, help="output directory")
     train.add_argument(
-        "--kind", choices=("json", "sentencepiece"), default="json",
+        "--kind",
+        choices=("json", "sentencepiece"),
+        default="json",
         help="tokenizer.json (default, loads in transformers) or a sentencepiece tokenizer.model",
-    )  # fmt: skip
+    )
     train.set_defaults(func=_cmd_train)
 
 
