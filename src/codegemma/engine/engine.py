@@ -187,7 +187,7 @@ class Engine:
             rows=torch.tensor([s.slot for s in batch], device=self.device),
             logits_index=torch.tensor([len(s.prompt) - 1 for s in batch], device=self.device),
         )[:, 0]
-        return [self._advance(seq, logits[row]) for row, seq in enumerate(batch)]
+        return self._advance_all(batch, logits)
 
     def _decode(self) -> list[Event]:
         active = [s for s in self._slots if s is not None]
@@ -197,19 +197,30 @@ class Engine:
         for seq in active:
             ids[seq.slot, 0], pos[seq.slot, 0] = seq.generated[-1], seq.position
         logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=slice(0, n))
-        return [self._advance(seq, logits[seq.slot, 0]) for seq in active]
+        rows = torch.tensor([seq.slot for seq in active], device=self.device)
+        return self._advance_all(active, logits[rows, 0])
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
-        """Choose seq's next token from its logits [V] and apply every stopping rule."""
-        if seq.max_new_tokens <= 0:
-            return self._finish(seq, seq.text.finish(), None, "length")
+    def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
+        """Next token for each of seqs from logits [len(seqs), V]; plain greedy rows are chosen
+        together (one argmax, one device sync), the others row by row with their own RNG."""
+        plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
+        greedy = logits.argmax(-1).tolist() if any(plain) else []
+        tokens = [greedy[i] if plain[i] else self._sample(s, logits[i]) for i, s in enumerate(seqs)]
+        return [self._advance(s, t) for s, t in zip(seqs, tokens, strict=True)]
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
         logits = logits.float()
         if seq.params.repetition_penalty != 1.0:
             if seq.seen is None:
                 seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(seq.prompt, device=logits.device)] = True
             logits = apply_repetition_penalty(logits, seq.seen, seq.params.repetition_penalty)
-        token = sample_row(logits, seq.params, seq.generator)
+        return sample_row(logits, seq.params, seq.generator)
+
+    def _advance(self, seq: _Sequence, token: int) -> Event:
+        """Append seq's next token and apply every stopping rule."""
+        if seq.max_new_tokens <= 0:
+            return self._finish(seq, seq.text.finish(), None, "length")
         seq.generated.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
