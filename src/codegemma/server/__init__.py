@@ -1,0 +1,16 @@
+"""`codegemma serve`: an OpenAI- and llama.cpp-compatible completion server for editors.
+
+    codegemma serve --model path/to/codegemma-2b            # http://127.0.0.1:8000
+    curl -s localhost:8000/v1/completions -d '{"prompt": "def add(a, b):\\n    return ", "suffix": "\\n"}'
+
+Modules: protocol.py (pydantic wire models, OpenAI error shape), serving.py (requests -> engine
+jobs, FIM post-processing while streaming), scheduler.py (the thread that owns the Engine and
+batches every request through it), responses.py (JSON bodies and SSE streams), metrics.py
+(Prometheus text), app.py (FastAPI routes and middlewares), cli.py (`codegemma serve`).
+Client configuration (Continue, llama.vscode, Tabby): docs/serving.md.
+"""
+
+from codegemma.server.app import create_app
+from codegemma.server.settings import ServerSettings
+
+__all__ = ["ServerSettings", "create_app"]

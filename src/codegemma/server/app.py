@@ -1,0 +1,446 @@
+"""The FastAPI app: OpenAI- and llama.cpp-compatible routes over one scheduler thread.
+
+    from codegemma.server import create_app, ServerSettings
+    app = create_app(codegemma.load("path/to/model"), ServerSettings(served_model_name="cg-2b"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)      # or: codegemma serve --model ...
+
+Routes: POST /v1/completions (+ `suffix` for FIM), POST /v1/chat/completions, POST /infill
+(llama.cpp), GET /v1/models, GET /health, GET /metrics (Prometheus). Handlers validate, plan
+(serving.py; tokenization runs in a worker thread, off the event loop), submit to the scheduler
+(503 + Retry-After when full), then answer JSON or SSE (responses.py). A client that disconnects
+has its sequences cancelled: streams through the generator's `finally`, plain requests by a
+watcher on the ASGI receive channel. Pure-ASGI middlewares, outermost first: metrics (status and
+latency per route, streams timed to their end), body checks (413 over the size limit, 400 if not UTF-8), API key (401;
+`hmac.compare_digest`). Every error body has OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from codegemma.engine import Engine
+from codegemma.server import protocol, responses, serving
+from codegemma.server.metrics import ServerMetrics
+from codegemma.server.protocol import APIError, error_body
+from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler, Submission
+from codegemma.server.serving import Plan, ServingContext
+from codegemma.server.settings import ServerSettings
+
+log = logging.getLogger("codegemma.server")
+OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, editors)
+
+
+class ServerState:
+    """What the routes share: context for planning, the scheduler, metrics, the model id."""
+
+    def __init__(self, engine: Engine, tokenizer, settings: ServerSettings) -> None:
+        self.settings, self.model_id = settings, settings.served_model_name
+        self.metrics = ServerMetrics()
+        self.scheduler = Scheduler(engine, max_queue=settings.max_queue, metrics=self.metrics)
+        self.metrics.attach(self.scheduler)
+        self.ctx = ServingContext(
+            tokenizer=tokenizer,
+            max_seq_len=engine.max_seq_len,
+            vocab_size=min(engine.model.config.vocab_size, tokenizer.vocab_size),
+            settings=settings,
+        )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model_id}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def plan(self, planner: Callable[..., Plan], body: Any) -> Plan:
+        return await run_in_threadpool(planner, self.ctx, body)
+
+    def submit(self, plan: Plan) -> Submission:
+        try:
+            return self.scheduler.submit(plan.jobs())
+        except Overloaded as e:
+            self.metrics.rejected.inc()
+            raise APIError(
+                503,
+                str(e),
+                code="server_overloaded",
+                type="server_error",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
+
+
+def create_app(cg_or_engine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving a `codegemma.load()` result (or an Engine built with a tokenizer)."""
+    engine = cg_or_engine if isinstance(cg_or_engine, Engine) else cg_or_engine.engine
+    if engine.tokenizer is None:
+        raise ValueError("the server needs text: build the Engine with a tokenizer")
+    if settings is None:
+        path = getattr(cg_or_engine, "path", None)
+        settings = ServerSettings(served_model_name=path.name if path else "codegemma")
+    state = ServerState(engine, engine.tokenizer, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.scheduler.start()
+        yield
+        await run_in_threadpool(state.scheduler.stop)
+
+    app = FastAPI(title="codegemma", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    _add_exception_handlers(app)
+    _add_routes(app, state)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(BodyMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+# -- routes --------------------------------------------------------------------------------------
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    _add_generation_routes(app, state)
+    _add_info_routes(app, state)
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        plan = await state.plan(serving.plan_completion, body)
+        submission = state.submit(plan)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = responses.openai_stream(
+                submission, plan, model=state.model_id, chat=False, include_usage=include_usage
+            )
+            return _sse(stream, submission)
+        done = await _until_done(request, submission, serving.collect(submission, plan))
+        return JSONResponse(responses.completion_body(state.model_id, plan, done))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        plan = await state.plan(serving.plan_chat, body)
+        submission = state.submit(plan)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = responses.openai_stream(
+                submission, plan, model=state.model_id, chat=True, include_usage=include_usage
+            )
+            return _sse(stream, submission)
+        done = await _until_done(request, submission, serving.collect(submission, plan))
+        return JSONResponse(responses.chat_body(state.model_id, plan, done))
+
+    @app.post("/infill", response_model=None)
+    async def infill(body: protocol.InfillRequest, request: Request) -> Response:
+        started = time.perf_counter()
+        plan = await state.plan(serving.plan_infill, body)
+        if not plan.choices:  # n_predict = 0
+            return JSONResponse(
+                responses.infill_body(state.model_id, plan, "", None, "length", started)
+            )
+        submission = state.submit(plan)
+        timer = None
+        if body.t_max_predict_ms:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(body.t_max_predict_ms / 1000, submission.cancel)
+        if body.stream:
+            stream = responses.infill_stream(
+                submission, plan, model=state.model_id, started=started
+            )
+            return _sse(stream, submission, timer)
+        try:
+            done = await _until_done(request, submission, serving.collect(submission, plan))
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return JSONResponse(
+            responses.infill_body(
+                state.model_id, plan, done.texts[0], done.results[0], done.reasons[0], started
+            )
+        )
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        state.check_model(model)
+        return _model_card(state)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        s = state.scheduler
+        ok = s.alive or s.in_flight == 0  # started lazily: not yet running is healthy
+        body = {
+            "status": "ok" if ok else "error",
+            "model": state.model_id,
+            "slots_idle": s.slots - s.active,
+            "slots_processing": s.active,
+            "queue_depth": s.queue_depth,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "codegemma",
+        "max_model_len": state.ctx.max_seq_len,
+    }
+
+
+def _sse(
+    stream: AsyncIterator[bytes], submission: Submission, timer: asyncio.TimerHandle | None = None
+) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:  # the client went away (the task is cancelled) or the stream ended
+            if timer is not None:
+                timer.cancel()
+            submission.cancel()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
+
+
+async def _until_done(request: Request, submission: Submission, work: Awaitable):
+    """Await `work`; if the client disconnects first, cancel the submission and stop."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # client gone (or we are being cancelled)
+            submission.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GenerationFailed):
+                await task
+    if not task.done() or task.cancelled():
+        raise APIError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- errors --------------------------------------------------------------------------------------
+def _add_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(GenerationFailed)
+    async def generation_failed(request: Request, exc: GenerationFailed) -> JSONResponse:
+        body = error_body(str(exc), type="server_error", code="generation_failed")
+        return JSONResponse(body, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_body(exc.errors()), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request error"
+        if exc.status_code == 400:
+            detail = f"{detail}: the body must be UTF-8 JSON"
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(
+            error_body(detail, type=kind, code=code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+
+def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "JSON decode error")
+        return error_body(
+            f"The request body is not valid JSON ({reason}).",
+            type="invalid_request_error",
+            code="invalid_json",
+        )
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # union members show up in loc as type names ("str", "list[int]"); keep the field path
+    path = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float")]
+    param = ".".join(path) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: {param}"
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return error_body(message, type="invalid_request_error", param=param, code="invalid_value")
+
+
+# -- middleware ----------------------------------------------------------------------------------
+async def _send_json(send: Send, status: int, body: dict, headers: dict[str, str] | None = None):
+    response = JSONResponse(body, status_code=status, headers=headers)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class MetricsMiddleware:
+    """Counts requests and errors and times them (to the last body byte) per route."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            endpoint = self._endpoint(scope)
+            self.metrics.requests.inc(endpoint=endpoint, status=str(status))
+            if status >= 400:
+                self.metrics.errors.inc(endpoint=endpoint, status=str(status))
+            self.metrics.latency.observe(time.perf_counter() - started, endpoint=endpoint)
+
+    @staticmethod
+    def _endpoint(scope: Scope) -> str:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else "other"  # unknown paths: bounded label set
+
+
+class BodyMiddleware:
+    """413 for bodies over `max_bytes` (announced by Content-Length or streamed); 400 for a JSON
+    body that is not UTF-8 (RFC 8259), which JSON parsers would report as a vaguer error.
+    A body without a JSON content type is read as JSON (see `_as_json`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        scope = _as_json(scope, headers)
+        if not _is_utf8(body) and b"json" in dict(scope["headers"])[b"content-type"]:
+            message = "The request body is not valid UTF-8; JSON must be sent as UTF-8."
+            return await _send_json(
+                send,
+                400,
+                error_body(message, type="invalid_request_error", code="invalid_encoding"),
+            )
+        replay = {"type": "http.request", "body": body, "more_body": False}
+        replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return replay
+            return await receive()  # after the body: disconnect notifications
+
+        await self.app(scope, replay_receive, send)
+
+    async def _too_large(self, send: Send) -> None:
+        message = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
+        body = error_body(message, type="invalid_request_error", code="request_too_large")
+        await _send_json(send, 413, body)
+
+
+LOOSE_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+
+def _as_json(scope: Scope, headers: dict[bytes, bytes]) -> Scope:
+    """Bodies sent without a JSON content type (`curl -d` sends form-urlencoded) are read as
+    JSON, as llama.cpp does; multipart and other explicit types are left to fail validation."""
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if content_type not in LOOSE_TYPES:
+        return scope
+    rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on every route but /health, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        body = error_body(
+            "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
+            type="invalid_request_error",
+            code="invalid_api_key",
+        )
+        await _send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,306 @@
+"""Wire types of the server: pydantic request models, the OpenAI error shape.
+
+Request models list their fields in the order of OpenAI's API reference; our extensions come last,
+under an `# -- extensions` line. The OpenAI models are strict (`extra="forbid"`, no "5" -> 5
+coercion) as OpenAI's own API is: a misspelt parameter is a 400 naming it, not silently ignored.
+Parameters OpenAI defines that this server cannot honour are accepted only at their neutral value
+and refused otherwise. The llama.cpp `/infill` model is lenient (`extra="ignore"`, lax types),
+because llama.cpp clients (llama.vscode, llama.vim) send many server-specific knobs
+(`samplers`, `cache_prompt`, `t_max_prompt_ms`, `n_indent`, ...) that only tune llama.cpp.
+
+Every text field rejects strings that are not valid Unicode (a JSON `\\ud800` escape decodes to a
+lone surrogate that no tokenizer can encode). Errors leave the server as
+`{"error": {"message", "type", "param", "code"}}`, the shape the `openai` client parses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from codegemma.engine import SamplingParams
+
+INT64 = 2**63
+UINT64 = 2**64
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error answered to the client as an OpenAI error body with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "is not valid Unicode text (it contains an unpaired surrogate escape such as "
+            "\\ud800); send UTF-8 text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _check_stops(stop: Text | list[Text] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    return stops
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _model_not_empty(cls, model: str | None) -> str | None:
+        if model is not None and not model.strip():
+            raise ValueError("must name the served model (see GET /v1/models) or be left out")
+        return model
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if seed is not None and not -INT64 <= seed < INT64:
+            raise ValueError("must be a 64-bit signed integer")
+        return seed
+
+    @field_validator("logit_bias", check_fields=False)
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias:
+            raise ValueError("logit_bias is not supported by this server; leave it out")
+        return bias
+
+    def stop_strings(self) -> list[str]:
+        return _check_stops(self.stop)
+
+    def to_sampling_params(
+        self,
+        *,
+        max_new_tokens: int,
+        stop_token_ids: frozenset[int],
+        stop_strings: Sequence[str] = (),
+        seed_offset: int = 0,
+    ) -> SamplingParams:
+        """The engine's parameters for one choice; choice i of `n` samples with seed + i."""
+        seed = self.seed
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=None if seed is None else (seed + seed_offset) % UINT64,
+            stop_token_ids=stop_token_ids,
+            stop_strings=tuple(stop_strings),
+        )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+Prompt = (
+    Text | list[Text] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+)
+
+
+class CompletionRequest(_OpenAIRequest):
+    """POST /v1/completions. With `suffix`, fill-in-the-middle between prompt and suffix."""
+
+    model: str | None = Field(None, description="the served model id; optional")
+    prompt: Prompt = Field(..., description="text, a list of texts, token ids, or lists of ids")
+    best_of: int | None = Field(None, ge=1, description="only 1 or equal to n is accepted")
+    echo: bool = False
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logprobs: None = Field(None, description="not supported: must be null")
+    max_tokens: int | None = Field(None, ge=0, description="default 16")
+    n: int = Field(1, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: Text | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+    # -- extensions (vLLM's names where vLLM has one) ------------------------------------------
+    top_k: int = Field(0, ge=0, description="extension: 0 = off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: 1 = off")
+    completion_mode: Literal["auto", "line", "block"] = Field(
+        "auto", description="extension: FIM post-processing, single line or block (auto: by cursor)"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
+            raise ValueError("must be a non-empty text, list of texts or list of token ids")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: Any) -> Any:
+        _check_stops(stop)
+        return stop
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return [x if isinstance(x, str) else list(x) for x in p]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "model"]
+    content: Text | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """POST /v1/chat/completions, through Gemma's chat template (system folded into user)."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str | None = Field(None, description="the served model id; optional")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logprobs: Literal[False] | None = Field(None, description="not supported")
+    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, description="deprecated alias")
+    n: int = Field(1, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tool_choice: Literal["none"] | None = None
+    user: str | None = None
+    # -- extensions ------------------------------------------------------------------------------
+    top_k: int = Field(0, ge=0, description="extension: 0 = off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: 1 = off")
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list | None) -> list | None:
+        if tools:
+            raise ValueError("tool calling is not supported by this server; leave tools out")
+        return tools
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: Any) -> Any:
+        _check_stops(stop)
+        return stop
+
+    @property
+    def token_limit(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+
+class ExtraChunk(BaseModel):
+    """One `input_extra` entry: another file (or a chunk of one) shown before the prefix."""
+
+    model_config = ConfigDict(extra="ignore")
+    filename: Text = ""
+    text: Text
+
+
+class InfillRequest(BaseModel):
+    """POST /infill, llama.cpp's fields. `prompt` is text typed after `input_prefix` (llama.vscode
+    sends the cursor line there), so the prefix the model completes is input_prefix + prompt."""
+
+    model_config = ConfigDict(extra="ignore")
+    input_prefix: Text = ""
+    input_suffix: Text = ""
+    input_extra: list[ExtraChunk] = Field(default_factory=list)
+    prompt: Text = ""
+    n_predict: int = Field(-1, ge=-1, description="-1 = the server's limit; 0 = no generation")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="default 0 (greedy), not 0.8")
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int = Field(-1, ge=-1, lt=UINT64, description="-1 = random")
+    stop: list[Text] = Field(default_factory=list)
+    stream: bool = False
+    t_max_predict_ms: int = Field(0, ge=0, description="time limit for generation; 0 = none")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: list[str]) -> list[str]:
+        return _check_stops(stop)
+
+    def to_sampling_params(
+        self, *, max_new_tokens: int, stop_token_ids: frozenset[int], stop_strings: Sequence[str]
+    ) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repeat_penalty,
+            seed=None if self.seed < 0 else self.seed,
+            stop_token_ids=stop_token_ids,
+            stop_strings=tuple(stop_strings),
+        )

@@ -1,0 +1,268 @@
+"""The scheduler: one background thread owns the Engine; request handlers talk to it by queue.
+
+Handlers (on the asyncio event loop) `submit()` a group of sequences (a request's `n` choices) and
+get a `Submission` whose `events()` async-iterates `(choice index, Event)`. The thread loops:
+take new sequences and cancellations from a lock-protected inbox, hand them to the engine, run one
+`engine.step()` (a prefill of waiting sequences into free slots, or one decode step of every active
+slot in a single forward pass: the batching), and route the step's events to each submission's
+asyncio queue with one `loop.call_soon_threadsafe` per submission per step. With nothing to do it
+sleeps on a condition variable (no busy loop).
+
+Fairness: the engine admits waiting sequences first-come first-served as slots free up, and every
+active sequence advances by exactly one token per decode step, whoever it belongs to.
+Admission is bounded: at most `slots + max_queue` sequences in flight, beyond that `submit` raises
+`Overloaded` (the server answers 503 with Retry-After). Cancellation (a client that went away)
+goes through the inbox too, so the engine is only ever touched by its own thread. If a step
+raises, every live sequence is failed (its handler answers 500) and cancelled, which frees its
+slot; the thread carries on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Hashable, Sequence
+from dataclasses import dataclass
+
+from codegemma.engine import Engine, Event, SamplingParams
+
+log = logging.getLogger("codegemma.server")
+
+
+class Overloaded(Exception):
+    """More sequences were submitted than the queue holds."""
+
+
+class GenerationFailed(Exception):
+    """The engine failed while generating this request's sequences."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    submission: Submission
+    request_id: Hashable
+    prompt: list[int]
+    params: SamplingParams
+
+
+class Submission:
+    """A request's sequences in the scheduler; iterate `events()` on the submitting loop."""
+
+    def __init__(self, scheduler: Scheduler, group: int, count: int) -> None:
+        self.scheduler = scheduler
+        self.request_ids = [(group, i) for i in range(count)]
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[list] = asyncio.Queue()
+        self._unfinished = set(self.request_ids)
+
+    @property
+    def done(self) -> bool:
+        return not self._unfinished
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence has its final event."""
+        while self._unfinished:
+            for item in await self._queue.get():
+                if isinstance(item, BaseException):
+                    self._unfinished.clear()
+                    raise item
+                if item.finished:
+                    self._unfinished.discard(item.request_id)
+                yield item.request_id[1], item
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stop one choice (or all still running); their final events still arrive."""
+        ids = self._unfinished if index is None else {self.request_ids[index]} & self._unfinished
+        for request_id in list(ids):
+            self.scheduler.cancel(request_id)
+
+    def _deliver(self, items: list) -> bool:
+        """From the scheduler thread; False when the submitting loop is gone."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, items)
+            return True
+        except RuntimeError:  # the loop was closed: nobody is listening any more
+            return False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_queue: int = 64, metrics=None) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self._cond = threading.Condition()
+        self._inbox: list[_Job] = []
+        self._cancels: list[Hashable] = []
+        self._live: dict[Hashable, Submission] = {}  # request id -> its submission (engine thread)
+        self._in_flight = 0
+        self._groups = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    # -- state read by metrics and /health ------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.engine.max_batch_size
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.max_queue
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def active(self) -> int:
+        return self.engine.num_active
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self._in_flight - self.engine.num_active)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:
+            if self.alive:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="codegemma-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- called from request handlers -----------------------------------------------------------
+    def submit(self, jobs: Sequence[tuple[list[int], SamplingParams]]) -> Submission:
+        """Admit all of a request's sequences, or none (raises Overloaded)."""
+        self.start()
+        with self._cond:
+            if self._in_flight + len(jobs) > self.capacity:
+                raise Overloaded(
+                    f"the server is at capacity ({self._in_flight} sequences in flight, "
+                    f"{self.slots} slots + {self.max_queue} queued); retry shortly"
+                )
+            submission = Submission(self, next(self._groups), len(jobs))
+            for request_id, (prompt, params) in zip(submission.request_ids, jobs, strict=True):
+                self._inbox.append(_Job(submission, request_id, list(prompt), params))
+            self._in_flight += len(jobs)
+            self._cond.notify()
+        return submission
+
+    def cancel(self, request_id: Hashable) -> None:
+        with self._cond:
+            self._cancels.append(request_id)
+            self._cond.notify()
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (
+                    self._inbox or self._cancels or self._stopping or self.engine.has_work()
+                ):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                jobs, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            self._admit(jobs)
+            for request_id in cancels:
+                if request_id in self._live:
+                    self.engine.cancel(request_id)
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # keep serving: fail what was running, free its slots
+                log.exception("engine step failed; failing %d live sequences", len(self._live))
+                self._fail_all(exc)
+                continue
+            self._route(events)
+        self._fail_all(GenerationFailed("the server is shutting down"))
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            try:
+                self.engine.submit(job.prompt, job.params, request_id=job.request_id)
+            except Exception as exc:  # an invalid prompt fails its own request only
+                self._finish_ids([job.request_id])
+                job.submission._deliver([GenerationFailed(str(exc))])
+                continue
+            self._live[job.request_id] = job.submission
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(job.prompt))
+
+    def _route(self, events: list[Event]) -> None:
+        by_submission: dict[int, tuple[Submission, list[Event]]] = {}
+        for event in events:
+            submission = self._live.get(event.request_id)
+            if submission is None:
+                continue
+            by_submission.setdefault(id(submission), (submission, []))[1].append(event)
+        finished = [e.request_id for e in events if e.finished and e.request_id in self._live]
+        self._record(events)
+        self._finish_ids(finished)  # before delivery: a client that sees its end finds it freed
+        for submission, items in by_submission.values():
+            if submission.first_token_at is None and any(e.token_id is not None for e in items):
+                submission.first_token_at = time.perf_counter()
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(submission.first_token_at - submission.submitted_at)
+            if not submission._deliver(items):
+                for request_id in submission.request_ids:
+                    if request_id in self._live:
+                        self.engine.cancel(request_id)
+
+    def _record(self, events: list[Event]) -> None:
+        if self.metrics is None:
+            return
+        tokens = sum(e.token_id is not None for e in events)
+        if tokens:
+            self.metrics.steps.inc()
+            self.metrics.batch.observe(tokens)
+            self.metrics.generated_tokens.inc(tokens)
+        for e in events:
+            if e.finished:
+                self.metrics.sequences.inc(reason=e.result.finish_reason)
+
+    def _finish_ids(self, request_ids: list[Hashable]) -> None:
+        for request_id in request_ids:
+            self._live.pop(request_id, None)
+        with self._cond:
+            self._in_flight -= len(request_ids)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every live sequence and every queued job, cancelling them in the engine."""
+        with self._cond:
+            jobs, self._inbox = self._inbox, []
+            self._cancels.clear()
+        failed = list(self._live.items()) + [(j.request_id, j.submission) for j in jobs]
+        for request_id, _ in list(self._live.items()):
+            self.engine.cancel(request_id)
+        try:
+            self.engine.step()  # only cancellations are pending: frees the slots, no forward pass
+        except Exception:
+            log.exception("the engine could not free its slots after a failure")
+        error = (
+            exc
+            if isinstance(exc, GenerationFailed)
+            else GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+        )
+        self._finish_ids([request_id for request_id, _ in failed])
+        notified: set[int] = set()
+        for _, submission in failed:
+            if id(submission) not in notified:
+                notified.add(id(submission))
+                submission._deliver([error])

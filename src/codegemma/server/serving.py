@@ -1,0 +1,343 @@
+"""From a validated request to engine jobs, and from engine events to response text.
+
+`plan_completion`, `plan_chat` and `plan_infill` turn a request into a `Plan`: one `Choice` (prompt
+ids + SamplingParams + how to post-process) per sequence to generate. They raise `APIError` (400)
+naming the parameter at fault. FIM prompts and post-processing are completion.py's: requests with
+`suffix`, llama.cpp `/infill`, and `/v1/completions` prompts written in CodeGemma's textual FIM
+layout `<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>` (what Continue sends for a model whose name
+contains "codegemma") are all completed as FIM. Other prompts are plain continuations with BOS.
+
+`run_plan` drives a submission's events through a per-choice text tracker and yields `Update`s
+(text to send, finish reason). For FIM the tracker releases only whole lines of the
+post-processed text while generating, so a streamed completion matches the non-streamed one, and
+it cancels the sequence as soon as post-processing has cut the completion for good (a dedent out
+of the block, a line repeating the suffix): no tokens are generated that would be thrown away.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from codegemma import completion, prompts
+from codegemma.completion import CompletionRequest as FimRequest
+from codegemma.engine import GenerationResult, SamplingParams
+from codegemma.prompts import ContextFile, PromptError
+from codegemma.server import protocol
+from codegemma.server.protocol import APIError
+from codegemma.server.scheduler import Submission
+from codegemma.server.settings import ServerSettings
+
+MIN_FIM_BUDGET = 8  # a FIM prompt needs its sentinels and a few tokens of context
+_FIM_LAYOUT = re.compile(
+    r"\A(?:<bos>)?<\|fim_prefix\|>(?P<prefix>.*)<\|fim_suffix\|>(?P<suffix>.*)<\|fim_middle\|>\Z",
+    re.DOTALL,
+)
+_SENTINELS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingContext:
+    tokenizer: object
+    max_seq_len: int
+    vocab_size: int
+    settings: ServerSettings
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        limit = self.settings.max_prompt_tokens or self.max_seq_len - 1
+        return min(limit, self.max_seq_len - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    prompt_ids: list[int]
+    params: SamplingParams
+    fim: FimRequest | None = None  # FIM post-processing, None for plain text
+    echo: str = ""  # sent before the generated text (`echo`)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    choices: list[Choice]
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def jobs(self) -> list[tuple[list[int], SamplingParams]]:
+        return [(c.prompt_ids, c.params) for c in self.choices]
+
+
+# -- planning ------------------------------------------------------------------------------------
+def parse_fim_layout(text: str) -> tuple[str, str] | None:
+    """(prefix, suffix) of a prompt in CodeGemma's textual PSM layout, else None."""
+    m = _FIM_LAYOUT.match(text)
+    if m is None or any(s in m["prefix"] or s in m["suffix"] for s in _SENTINELS):
+        return None
+    return m["prefix"], m["suffix"]
+
+
+def _limit_tokens(ctx: ServingContext, value: int | None, default: int, param: str) -> int:
+    tokens = default if value is None else value
+    if tokens > ctx.settings.max_tokens:
+        raise APIError(
+            400,
+            f"{param}={tokens} is above this server's limit of {ctx.settings.max_tokens}",
+            param=param,
+            code="invalid_value",
+        )
+    return tokens
+
+
+def _check_choices(ctx: ServingContext, count: int) -> None:
+    if count > ctx.settings.max_n:
+        raise APIError(
+            400,
+            f"the request asks for {count} sequences (n x prompts); the limit is "
+            f"{ctx.settings.max_n}",
+            param="n",
+            code="invalid_value",
+        )
+
+
+def _check_length(ctx: ServingContext, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    if prompt_tokens > ctx.max_prompt_tokens or prompt_tokens + max_tokens > ctx.max_seq_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx.max_seq_len} tokens (prompts at most "
+            f"{ctx.max_prompt_tokens}); you requested {prompt_tokens + max_tokens} tokens "
+            f"({prompt_tokens} in the prompt, {max_tokens} for the completion). Shorten the "
+            "prompt or lower max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _fim_ids(ctx: ServingContext, request: FimRequest, max_tokens: int, param: str) -> list[int]:
+    budget = min(ctx.max_seq_len - max_tokens, ctx.max_prompt_tokens)
+    if budget < MIN_FIM_BUDGET:
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} leaves no room for a FIM prompt in the "
+            f"{ctx.max_seq_len}-token context",
+            param=param,
+            code="context_length_exceeded",
+        )
+    try:
+        return completion.build_prompt(ctx.tokenizer, request, budget)
+    except (ValueError, PromptError) as e:
+        raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+
+
+def plan_completion(ctx: ServingContext, req: protocol.CompletionRequest) -> Plan:
+    max_tokens = _limit_tokens(
+        ctx, req.max_tokens, ctx.settings.default_completion_tokens, "max_tokens"
+    )
+    texts = req.prompts()
+    _check_choices(ctx, len(texts) * req.n)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
+    choices, prompt_tokens = [], 0
+    for prompt in texts:
+        choice = _completion_choice(ctx, req, prompt, max_tokens)
+        prompt_tokens += len(choice.prompt_ids)
+        for i in range(req.n):
+            params = req.to_sampling_params(
+                max_new_tokens=max_tokens,
+                stop_token_ids=choice.params.stop_token_ids,
+                stop_strings=choice.params.stop_strings,
+                seed_offset=i,
+            )
+            choices.append(
+                Choice(
+                    prompt_ids=choice.prompt_ids, params=params, fim=choice.fim, echo=choice.echo
+                )
+            )
+    return Plan(choices=choices, prompt_tokens=prompt_tokens)
+
+
+def _completion_choice(
+    ctx: ServingContext, req: protocol.CompletionRequest, prompt: str | list[int], max_tokens: int
+) -> Choice:
+    """The prompt ids, stops and post-processing of one prompt (sampling is set by the caller)."""
+    tok, stops = ctx.tokenizer, req.stop_strings()
+    layout = parse_fim_layout(prompt) if isinstance(prompt, str) and req.suffix is None else None
+    if req.suffix is not None or layout is not None:
+        if req.echo:
+            raise APIError(
+                400,
+                "echo cannot be combined with suffix (FIM): the prompt is not "
+                "the text before the completion",
+                param="echo",
+            )
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
+        prefix, suffix = layout or (prompt, req.suffix or "")
+        fim = FimRequest(prefix=prefix, suffix=suffix, mode=req.completion_mode)
+        ids = _fim_ids(ctx, fim, max_tokens, "max_tokens")
+        stops = stops + (["\n"] if fim.single_line else [])
+        params = SamplingParams(stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(stops))
+        return Choice(prompt_ids=ids, params=params, fim=fim)
+    if isinstance(prompt, str):
+        ids, echo = tok.encode(prompt, bos=True), prompt
+    else:
+        if max(prompt) >= ctx.vocab_size:
+            raise APIError(
+                400, f"token ids must be below the vocabulary size {ctx.vocab_size}", param="prompt"
+            )
+        ids, echo = list(prompt), tok.decode(prompt)
+    _check_length(ctx, len(ids), max_tokens, "prompt")
+    params = SamplingParams(stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(stops))
+    return Choice(prompt_ids=ids, params=params, echo=echo if req.echo else "")
+
+
+def plan_chat(ctx: ServingContext, req: protocol.ChatCompletionRequest) -> Plan:
+    _check_choices(ctx, req.n)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in req.messages
+    ]
+    try:
+        ids = prompts.chat_prompt(ctx.tokenizer, prompts.fold_system(messages))
+    except PromptError as e:
+        raise APIError(400, str(e), param="messages") from None
+    room = max(0, ctx.max_seq_len - len(ids))
+    max_tokens = _limit_tokens(
+        ctx, req.token_limit, min(ctx.settings.max_tokens, room), "max_completion_tokens"
+    )
+    _check_length(ctx, len(ids), max_tokens, "messages")
+    stop_ids = prompts.chat_stop_ids(ctx.tokenizer)
+    choices = [
+        Choice(
+            prompt_ids=ids,
+            params=req.to_sampling_params(
+                max_new_tokens=max_tokens,
+                stop_token_ids=stop_ids,
+                stop_strings=req.stop_strings(),
+                seed_offset=i,
+            ),
+        )
+        for i in range(req.n)
+    ]
+    return Plan(choices=choices, prompt_tokens=len(ids))
+
+
+def plan_infill(ctx: ServingContext, req: protocol.InfillRequest) -> Plan:
+    n_predict = _limit_tokens(
+        ctx, None if req.n_predict < 0 else req.n_predict, ctx.settings.max_tokens, "n_predict"
+    )
+    fim = FimRequest(
+        prefix=req.input_prefix + req.prompt,
+        suffix=req.input_suffix,
+        files=tuple(ContextFile(path=c.filename, text=c.text) for c in req.input_extra),
+    )
+    ids = _fim_ids(ctx, fim, n_predict, "n_predict")
+    if n_predict == 0:  # llama.vscode's cache warm-up: nothing to generate, nothing to cache
+        return Plan(choices=[], prompt_tokens=len(ids))
+    stops = list(req.stop) + (["\n"] if fim.single_line else [])
+    params = req.to_sampling_params(
+        max_new_tokens=n_predict,
+        stop_token_ids=prompts.fim_stop_ids(ctx.tokenizer),
+        stop_strings=stops,
+    )
+    return Plan(choices=[Choice(prompt_ids=ids, params=params, fim=fim)], prompt_tokens=len(ids))
+
+
+# -- running -------------------------------------------------------------------------------------
+class TextTracker:
+    """Plain text: every delta is released as it comes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.cut = False
+
+    def push(self, delta: str) -> str:
+        self.text += delta
+        return delta
+
+    def finish(self, delta: str) -> str:
+        return self.push(delta)
+
+
+class FimTracker:
+    """FIM text: releases whole lines of the post-processed completion; `cut` once a
+    post-processing rule has ended the completion for good."""
+
+    def __init__(self, request: FimRequest) -> None:
+        self.request, self.raw, self.text, self.cut = request, "", "", False
+
+    def push(self, delta: str) -> str:
+        self.raw += delta
+        processed = completion.postprocess(self.raw, self.request)
+        end = len(processed)
+        # Rules that cut at a line boundary do so for good once the offending line is complete.
+        self.cut = (
+            end < len(self.raw) and self.raw[end] == "\n" and self.raw.find("\n", end + 1) >= 0
+        )
+        # The last line (and its newline: a later cut drops it) may still change.
+        stable = processed if self.cut else processed[: max(processed.rfind("\n"), 0)]
+        return self._release(stable)
+
+    def finish(self, delta: str) -> str:
+        self.raw += delta
+        return self._release(completion.postprocess(self.raw, self.request))
+
+    def _release(self, stable: str) -> str:
+        if len(stable) <= len(self.text) or not stable.startswith(self.text):
+            return ""  # nothing new (or a tail rule trimmed sent text, which cannot be unsent)
+        delta, self.text = stable[len(self.text) :], stable
+        return delta
+
+
+@dataclass(frozen=True)
+class Update:
+    index: int
+    text: str
+    finish_reason: str | None = None
+    result: GenerationResult | None = None
+
+
+def finish_reason(result: GenerationResult, tracker: TextTracker | FimTracker) -> str:
+    if tracker.cut or (isinstance(tracker, FimTracker) and tracker.text != tracker.raw):
+        return "stop"  # post-processing ended it
+    return "length" if result.finish_reason == "cancelled" else result.finish_reason
+
+
+async def run_plan(submission: Submission, plan: Plan) -> AsyncIterator[Update]:
+    """Updates of every choice, in the order they happen; each choice ends with one whose
+    finish_reason is set."""
+    trackers = [FimTracker(c.fim) if c.fim else TextTracker() for c in plan.choices]
+    async for index, event in submission.events():
+        tracker = trackers[index]
+        if event.finished:
+            text = tracker.finish(event.delta)
+            reason = finish_reason(event.result, tracker)
+            yield Update(index, text, reason, event.result)
+            continue
+        text = tracker.push(event.delta)
+        if tracker.cut:
+            submission.cancel(index)  # its final event follows
+        if text:
+            yield Update(index, text)
+
+
+@dataclass
+class Collected:
+    texts: list[str]
+    reasons: list[str]
+    results: list[GenerationResult]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.results)
+
+
+async def collect(submission: Submission, plan: Plan) -> Collected:
+    n = len(plan.choices)
+    texts, reasons, results = [c.echo for c in plan.choices], [""] * n, [None] * n
+    async for update in run_plan(submission, plan):
+        texts[update.index] += update.text
+        if update.finish_reason is not None:
+            reasons[update.index], results[update.index] = update.finish_reason, update.result
+    return Collected(texts, reasons, results)  # type: ignore[arg-type]

@@ -1,0 +1,96 @@
+"""Fixtures for the server tests: the tiny model, and real uvicorn servers on free loopback ports.
+
+`serve(settings, max_batch_size=...)` starts an app with its own Engine (weights shared) in a
+background thread and yields its base URL; `server` is a module-wide default one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+import codegemma
+from codegemma.engine import Engine
+from codegemma.server import ServerSettings, create_app
+
+MODEL_ID = "tiny-codegemma"
+
+
+@pytest.fixture(scope="session")
+def tiny_cg(tiny_model_dir):
+    return codegemma.load(tiny_model_dir, device="cpu", max_batch_size=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_server(app) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+@pytest.fixture(scope="session")
+def serve(tiny_cg):
+    """serve(**settings) -> context manager yielding (base_url, app)."""
+
+    @contextlib.contextmanager
+    def _serve(max_batch_size: int = 4, **settings) -> Iterator[tuple[str, object]]:
+        engine = Engine(tiny_cg.model, tiny_cg.tokenizer, max_batch_size=max_batch_size)
+        settings.setdefault("served_model_name", MODEL_ID)
+        app = create_app(engine, ServerSettings(**settings))
+        with run_server(app) as url:
+            yield url, app
+
+    return _serve
+
+
+@pytest.fixture(scope="module")
+def server(serve) -> Iterator[str]:
+    with serve(max_tokens=64) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server_app(serve):
+    with serve(max_tokens=64) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="session")
+def wait_idle():
+    return _wait_idle
+
+
+def _wait_idle(app, timeout: float = 10.0) -> None:
+    """Until the scheduler holds no sequence (every slot freed), or fail."""
+    scheduler = app.state.server.scheduler
+    deadline = time.monotonic() + timeout
+    while scheduler.in_flight or scheduler.active or scheduler.queue_depth:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not idle: in_flight={scheduler.in_flight} active={scheduler.active}"
+            )
+        time.sleep(0.01)
