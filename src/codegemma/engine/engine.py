@@ -38,7 +38,7 @@ class GenerationResult:
     request_id: Hashable
     prompt_tokens: int
     token_ids: list[int]  # every sampled token, a stop token included
-    text: str  # decoded, cut before a stop string, without a stop token
+    text: str  # decoded without special tokens, cut before a stop string
     finish_reason: str  # "stop" | "length" | "cancelled"
     stop: str | int | None = None  # the stop string or token id that ended it
 
@@ -91,7 +91,7 @@ class Engine:
         self.cache: KVCache | None = None
         self._waiting: deque[_Sequence] = deque()
         self._slots: list[_Sequence | None] = [None] * max_batch_size
-        self._cancelled: set[Hashable] = set()
+        self._cancel_requests: deque[Hashable] = deque()  # appended from any thread
         self._ids = itertools.count()
 
     # -- queue -----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Engine:
 
     def cancel(self, request_id: Hashable) -> None:
         """Ends the request at the next step (its slot is freed then); safe from another thread."""
-        self._cancelled.add(request_id)
+        self._cancel_requests.append(request_id)
 
     @property
     def num_active(self) -> int:
@@ -153,16 +153,18 @@ class Engine:
         return events
 
     def _process_cancellations(self) -> list[Event]:
-        if not self._cancelled:
+        cancelled = set()
+        while self._cancel_requests:  # popleft is atomic: a concurrent cancel is never lost
+            cancelled.add(self._cancel_requests.popleft())
+        if not cancelled:
             return []
         events = []
-        for seq in [s for s in self._waiting if s.request_id in self._cancelled]:
+        for seq in [s for s in self._waiting if s.request_id in cancelled]:
             self._waiting.remove(seq)
             events.append(self._finish(seq, "", None, "cancelled"))
         for seq in self._slots:
-            if seq is not None and seq.request_id in self._cancelled:
+            if seq is not None and seq.request_id in cancelled:
                 events.append(self._finish(seq, "", None, "cancelled"))
-        self._cancelled.clear()
         return events
 
     def _prefill(self, free: list[int]) -> list[Event]:

@@ -16,7 +16,10 @@ class StopText:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
         # without a tokenizer there is no text: the engine then works on token ids alone
-        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else _NoText()
+        # special tokens (sentinels, <unusedN>) carry no text for the user
+        self._decoder = (
+            tokenizer.stream_decoder(skip_special=True) if tokenizer is not None else _NoText()
+        )
         self._stops = tuple(stop_strings)
         self._longest = max((len(s) for s in self._stops), default=0)
         self.text = ""
