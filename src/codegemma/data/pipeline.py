@@ -1,0 +1,341 @@
+"""`prepare`: source repositories -> token shards, in three resumable phases.
+
+1. **read** (one job per `ReadTask`): sources -> quality filters -> dedup signatures. Kept
+   documents are written to `.work/` partitioned by repository (blake2b(repo) % num_shards), so
+   every repository lands whole in exactly one output shard.
+2. **dedup** (once, global): exact + MinHash/LSH clusters over all signatures; each cluster keeps
+   its lexicographically smallest id.
+3. **shard** (one job per output shard): drop duplicates -> PII redaction -> decontamination ->
+   group by repository -> `order_repository` (dependency order) -> `build_repo_sample` (FIM)
+   -> `<bos> sample <eos>` per repository, concatenated and cut into `seq_len` rows.
+
+Jobs are pure functions of (config, job index), so any executor gives the same bytes: the local
+engine (multiprocessing) and the Ray Data engine are checked equal in tests. Every job records a
+completion marker; a rerun with the same `--out` skips finished jobs and reproduces the rest,
+and `manifest.json` is written last.
+
+    manifest = prepare(["repo_a", "corpus.jsonl"], "out/", PrepareConfig(tokenizer="tok/", seq_len=2048))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codegemma.config import write_text_atomic
+from codegemma.data.base import Stats, as_dict, run_steps
+from codegemma.data.decontaminate import DecontamConfig, Decontaminate
+from codegemma.data.dedup import DedupConfig, Signatures, Signer, cluster
+from codegemma.data.document import Document
+from codegemma.data.filters import FilterConfig, QualityFilters
+from codegemma.data.fim import FimConfig
+from codegemma.data.pii import PiiConfig, PiiStep
+from codegemma.data.shards import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    ShardError,
+    ShardWriter,
+    shard_name,
+    token_dtype,
+)
+from codegemma.data.sources import ReadTask, SourceConfig, plan_sources, read_task
+
+log = logging.getLogger(__name__)
+WORK = ".work"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    tokenizer: str  # a path Tokenizer.load accepts
+    seq_len: int = 2048
+    num_shards: int = 8  # output shards = shard jobs; repositories are hashed onto them
+    seed: int = 0
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    fim: FimConfig = field(default_factory=FimConfig)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {self.num_shards}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = as_dict(self)
+        d["pii"].pop("salt")  # the salt keys the placeholders: never publish it
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """What a worker needs: picklable, so local processes and Ray tasks get the same thing."""
+
+    out: str
+    config: PrepareConfig
+    tasks: tuple[ReadTask, ...]
+    tokenizer_fingerprint: str
+
+
+def _work(job: Job) -> Path:
+    return Path(job.out) / WORK
+
+
+def bucket_of(repo: str, num_shards: int) -> int:
+    digest = hashlib.blake2b(repo.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards
+
+
+def repo_seed(seed: int, repo: str) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{repo}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+# -- phase 1: read -----------------------------------------------------------------------------
+def run_read(job: Job, index: int) -> dict[str, Any]:
+    """Read task `index`: filter, sign, and write its documents partitioned by shard."""
+    marker = _work(job) / f"read-{index:05d}.done.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    task, cfg = job.tasks[index], job.config
+    source_stats: Counter[str] = Counter()
+    filters = QualityFilters(cfg.filters)
+    docs = list(filters.run(read_task(task, source_stats, cfg.sources)))
+    Signer(cfg.dedup).sign_all(docs).save(_work(job) / f"read-{index:05d}.sig.npz")
+    parts: dict[int, list[str]] = defaultdict(list)
+    for d in docs:
+        row = {"repo": d.repo, "path": d.path, "language": d.language, "text": d.text}
+        parts[bucket_of(d.repo, cfg.num_shards)].append(json.dumps(row, ensure_ascii=False))
+    for b, rows in parts.items():
+        write_text_atomic(_work(job) / f"docs-{index:05d}-{b:05d}.jsonl", "\n".join(rows) + "\n")
+    result = {
+        "stats": Stats({"sources": source_stats, "filters": filters.stats}).to_dict(),
+        "buckets": sorted(parts),
+    }
+    write_text_atomic(marker, json.dumps(result))
+    return result
+
+
+# -- phase 2: dedup ----------------------------------------------------------------------------
+def run_dedup(job: Job) -> dict[str, Any]:
+    path = _work(job) / "dedup.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sigs = Signatures.concat(
+        [Signatures.load(_work(job) / f"read-{t.index:05d}.sig.npz") for t in job.tasks],
+        job.config.dedup.num_perm,
+    )
+    result = cluster(sigs, job.config.dedup)
+    out = {
+        "dropped": dict(sorted(result.dropped.items())),
+        "stats": {k: int(v) for k, v in sorted(result.stats.items())},
+        "clusters": [c[:10] for c in result.clusters[:20]],
+    }
+    write_text_atomic(path, json.dumps(out))
+    return out
+
+
+# -- phase 3: shards ---------------------------------------------------------------------------
+def load_bucket(job: Job, bucket: int, read_results: Sequence[dict[str, Any]]) -> list[Document]:
+    docs = []
+    for task, res in zip(job.tasks, read_results, strict=True):
+        if bucket in res["buckets"]:
+            path = _work(job) / f"docs-{task.index:05d}-{bucket:05d}.jsonl"
+            if not path.is_file():
+                raise ShardError(
+                    f"{path} is gone (intermediates are removed once a preparation "
+                    f"completes); delete {job.out} and prepare again"
+                )
+            for line in path.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                docs.append(
+                    Document(text=r["text"], repo=r["repo"], path=r["path"], language=r["language"])
+                )
+    return docs
+
+
+def run_shard(job: Job, bucket: int) -> dict[str, Any]:
+    """Output shard `bucket`: redact, decontaminate, order, FIM and pack its repositories."""
+    from codegemma.data.fim import build_repo_sample
+    from codegemma.data.packing import order_repository
+    from codegemma.tokenizer import Tokenizer
+
+    marker = _work(job) / f"shard-{bucket:05d}.done.json"
+    if marker.is_file() and (Path(job.out) / shard_name(bucket)).is_file():
+        return json.loads(marker.read_text())
+    cfg = job.config
+    read_results = [run_read(job, t.index) for t in job.tasks]  # markers: cheap
+    dropped = run_dedup(job)["dropped"]
+    docs = [d for d in load_bucket(job, bucket, read_results) if d.id not in dropped]
+    pii, decon = PiiStep(cfg.pii), Decontaminate(cfg.decontam)
+    by_repo: dict[str, list[Document]] = defaultdict(list)
+    for d in run_steps([pii, decon], docs):
+        by_repo[d.repo].append(d)
+    tok = Tokenizer.load(cfg.tokenizer)
+    if tok.fingerprint != job.tokenizer_fingerprint:
+        raise ShardError(f"tokenizer {cfg.tokenizer} changed during preparation; start again")
+    writer = ShardWriter(
+        Path(job.out) / shard_name(bucket), cfg.seq_len, token_dtype(tok.vocab_size)
+    )
+    stats = Stats({"pii": pii.stats, "decontaminate": decon.stats})
+    try:
+        # repositories in a seeded shuffle, so a shard is not alphabetical by repo name
+        for repo in sorted(by_repo, key=lambda r: (repo_seed(cfg.seed, r), r)):
+            packed = order_repository(sorted(by_repo[repo], key=lambda d: d.path))
+            sample = build_repo_sample(
+                tok, packed.documents, cfg.fim, seed=repo_seed(cfg.seed, repo)
+            )
+            writer.add([tok.bos_id, *sample.tokens, tok.eos_id])
+            _count_repo(stats, packed, sample)
+    except BaseException:
+        writer.abort()
+        raise
+    info = writer.close()
+    stats["tokens"].update(
+        written=info.sequences * cfg.seq_len,
+        dropped_tail=info.tokens_dropped,
+        samples=info.tokens_in,
+    )
+    result = {"shard": info.to_dict(), "stats": stats.to_dict()}
+    write_text_atomic(marker, json.dumps(result))
+    return result
+
+
+def _count_repo(stats: Stats, packed: Any, sample: Any) -> None:
+    stats["fim"].update(sample.stats)
+    report = packed.report
+    stats["packing"].update(
+        repos=1,
+        files=report.files,
+        graph_edges=report.graph_edges,
+        broken_edges=len(report.broken_edges),
+        test_pairs=len(report.test_pairs),
+    )
+    for d in packed.documents:
+        stats["language_files"][d.language or "unknown"] += 1
+        stats["language_bytes"][d.language or "unknown"] += len(d.text.encode("utf-8", "replace"))
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def prepare(
+    sources: Sequence[str],
+    out: str | Path,
+    config: PrepareConfig,
+    *,
+    engine: str = "local",
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns the manifest written to `out/manifest.json`."""
+    from codegemma.data.executors import get_executor
+    from codegemma.tokenizer import Tokenizer
+
+    out = Path(out)
+    tok = Tokenizer.load(config.tokenizer)
+    tasks = tuple(plan_sources(sources, config.sources))
+    job = Job(out=str(out), config=config, tasks=tasks, tokenizer_fingerprint=tok.fingerprint)
+    plan = _check_plan(job, sources)
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("plan") == plan:
+            log.info("%s is already complete", out)
+            return manifest
+    executor = get_executor(engine, workers)
+    t0 = time.perf_counter()
+    read_results = executor.map(run_read, job, [t.index for t in tasks], "read")
+    dedup = run_dedup(job)
+    shard_results = executor.map(run_shard, job, list(range(config.num_shards)), "shards")
+    manifest = _manifest(job, tok, plan, read_results, dedup, shard_results)
+    manifest["provenance"].update(
+        engine=engine, workers=executor.workers, seconds=round(time.perf_counter() - t0, 3)
+    )
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for p in _work(job).glob("docs-*.jsonl"):  # intermediates: a copy of the corpus
+        p.unlink()
+    return manifest
+
+
+def _check_plan(job: Job, sources: Sequence[str]) -> str:
+    """A fingerprint of everything that decides the output; a rerun must match it to resume."""
+    desc = {
+        "sources": list(sources),
+        "tasks": [dataclasses.asdict(t) for t in job.tasks],
+        "config": job.config.to_dict(),
+        "salt": job.config.pii.salt,
+        "tokenizer": job.tokenizer_fingerprint,
+        "format": VERSION,
+    }
+    plan = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    path = _work(job) / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text()).get("plan")
+        if old != plan:
+            raise ShardError(
+                f"{job.out} holds a preparation with other sources, config or tokenizer; "
+                f"use a new --out, or delete {job.out} to start over"
+            )
+    else:
+        write_text_atomic(path, json.dumps({"plan": plan}))
+    return plan
+
+
+def _manifest(
+    job: Job, tok: Any, plan: str, read_results: list[dict], dedup: dict, shard_results: list[dict]
+) -> dict[str, Any]:
+    cfg = job.config
+    stats = Stats()
+    for r in read_results + shard_results:
+        stats += Stats(r["stats"])
+    stats += Stats({"dedup": dedup["stats"]})
+    shards = [r["shard"] for r in shard_results]
+    num_sequences = sum(s["sequences"] for s in shards)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "seq_len": cfg.seq_len,
+        "dtype": token_dtype(tok.vocab_size).name,
+        "num_sequences": num_sequences,
+        "num_tokens": num_sequences * cfg.seq_len,
+        "layout": "each repository: <bos> file_1 <|file_separator|> ... file_n <eos>; "
+        "repositories concatenated and cut into seq_len rows; the last partial row "
+        "of each shard is dropped",
+        "tokenizer": {
+            "path": str(cfg.tokenizer),
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "bos": tok.bos_id,
+            "eos": tok.eos_id,
+            "pad": tok.pad_id,
+        },
+        "shards": shards,
+        "stats": stats.to_dict(),
+        "dedup_clusters": dedup["clusters"],
+        "config": cfg.to_dict(),
+        "plan": plan,
+        "provenance": {
+            "sources": sorted({t.path for t in job.tasks}),
+            "read_tasks": len(job.tasks),
+            "codegemma": _version(),
+        },
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("codegemma")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
