@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CORPUS, tiny_corpus
+from tiny_corpus_texts import TINY_CORPUS, tiny_corpus
 
 from codegemma.tokenizer import Tokenizer
 from codegemma.train.tokenizer import (

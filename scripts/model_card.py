@@ -1,0 +1,184 @@
+"""Write MODEL_CARD.md of the bundled model from the files its recipe produced: measured facts only.
+
+Reads the corpus record (scripts/stdlib_corpus.py), the data manifest (`codegemma data prepare`),
+the training run (metrics.jsonl, run config), the exported model directory and the evaluation run
+directories (`codegemma eval run`), and renders the card. Nothing in the card is typed by hand
+except prose, so rerunning `make model` rewrites every number.
+
+    python scripts/model_card.py --corpus build/corpus --data build/model/data \
+        --run build/model/run --model src/codegemma/assets/codegemma-tiny \
+        --eval build/model/eval/* --out src/codegemma/assets/codegemma-tiny/MODEL_CARD.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from codegemma.config import ModelConfig, write_text_atomic
+from codegemma.eval.report import report
+from codegemma.train.metrics import read_metrics
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
+
+
+def model_section(config: ModelConfig) -> str:
+    return _table(
+        [
+            ("architecture", f"Gemma 1 decoder (CodeGemma), {config.attention_kind}"),
+            (
+                "layers / hidden / GeGLU width",
+                f"{config.num_hidden_layers} / {config.hidden_size} / {config.intermediate_size}",
+            ),
+            (
+                "attention heads / kv heads / head dim",
+                f"{config.num_attention_heads} / {config.num_key_value_heads} / {config.head_dim}",
+            ),
+            ("vocabulary", f"{config.vocab_size:,} (byte-fallback BPE, Gemma's special-token ids)"),
+            ("context", f"{config.max_position_embeddings:,} positions"),
+            (
+                "parameters",
+                f"{config.num_parameters:,} ({config.num_non_embedding_parameters:,} "
+                "non-embedding; embeddings tied)",
+            ),
+            ("weights", config.torch_dtype),
+        ]
+    )
+
+
+def data_section(corpus: dict, manifest: dict) -> str:
+    s = manifest["stats"]
+    fim = s["fim"]
+    return _table(
+        [
+            ("source", f"{corpus['source']}, CPython {corpus['python']}"),
+            ("licence", corpus["licence"]),
+            (
+                "files",
+                f"{corpus['files']['train']:,} training ({corpus['bytes']['train'] / 1e6:.1f} MB), "
+                f"{corpus['files']['heldout']:,} held out ({corpus['bytes']['heldout'] / 1e6:.1f} MB); "
+                f"file list sha256 {corpus['file_list_sha256'][:16]}…",
+            ),
+            ("read", _counts(s["sources"])),
+            ("quality filters", _counts(s["filters"])),
+            ("deduplication", _counts(s["dedup"])),
+            ("PII redacted", _counts(s["pii"])),
+            ("decontamination (HumanEval)", _counts(s["decontaminate"])),
+            ("repository packing", _counts(s["packing"])),
+            (
+                "FIM",
+                f"{fim['fim'] / fim['files']:.1%} of files FIM'd (PSM {fim['psm']:,}, SPM "
+                f"{fim['spm']:,}, plain {fim['plain']:,}); splits: syntax {fim.get('split_syntax', 0):,}, "
+                f"character {fim.get('split_char', 0):,}",
+            ),
+            (
+                "tokens",
+                f"{manifest['num_tokens']:,} in {manifest['num_sequences']:,} rows of "
+                f"{manifest['seq_len']}",
+            ),
+        ]
+    )
+
+
+def training_section(run: Path) -> str:
+    metrics = read_metrics(run / "metrics.jsonl")
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    cfg = (run / "config.toml").read_text() if (run / "config.toml").is_file() else ""
+    last = train[-1]
+    rows = [
+        (
+            "hardware",
+            f"{platform.machine()} CPU, {torch.get_num_threads()} threads "
+            f"({platform.processor() or 'unknown model'}), torch {torch.__version__}",
+        ),
+        ("optimizer steps", f"{last['step']:,}"),
+        ("tokens trained", f"{last['tokens']:,}"),
+        ("wall time", f"{last['elapsed_s'] / 60:.1f} min"),
+        (
+            "throughput",
+            f"{last['tokens_per_s']:,.0f} tokens/s (last interval), MFU {last['mfu']:.1%}",
+        ),
+        ("training loss (first → last logged)", f"{train[0]['loss']:.3f} → {last['loss']:.3f}"),
+    ]
+    if evals:
+        rows.append(
+            (
+                "held-out loss (first → last)",
+                f"{evals[0]['eval_loss']:.3f} → {evals[-1]['eval_loss']:.3f}",
+            )
+        )
+    text = _table(rows)
+    if cfg:
+        text += f"\n\nThe run's resolved configuration:\n\n```toml\n{cfg.strip()}\n```"
+    return text
+
+
+def render(args: argparse.Namespace) -> str:
+    corpus = json.loads((args.corpus / "SOURCES.json").read_text())
+    manifest = json.loads((args.data / "manifest.json").read_text())
+    config = ModelConfig.load(args.model)
+    evals = report(args.eval) if args.eval else "(no evaluation runs given)"
+    return f"""# codegemma-tiny: the bundled model
+
+A small model of the CodeGemma architecture, trained by this repository's own pipeline
+(`make model`): tokenizer training, `codegemma data prepare` (FIM rate 0.8, PSM/SPM 50-50,
+syntax-aware splits, repository-level packing, PII redaction, deduplication, decontamination),
+then `codegemma train`. It exists so that every command works on a fresh machine with no download.
+It is tiny and trained briefly on one small corpus: expect Python-shaped text, not correct
+programs. Every number below was written by `scripts/model_card.py` from the run's own files.
+
+## Model
+
+{model_section(config)}
+
+## Data
+
+{data_section(corpus, manifest)}
+
+## Training
+
+{training_section(args.run)}
+
+The loss curve is `loss.png` beside this card (`codegemma train plot`).
+
+## Evaluation
+
+Our runs of `codegemma eval run` on this model, next to the published CodeGemma numbers
+(execution-based, pass@1, greedy).
+
+{evals}
+
+## Reproduce
+
+```bash
+make model    # stages the corpus, trains the tokenizer, prepares data, trains, evaluates, writes this card
+```
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--eval", nargs="*", default=[])
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    write_text_atomic(args.out, render(args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
