@@ -221,6 +221,19 @@ PRESETS: dict[str, ModelConfig] = {
         num_key_value_heads=16,
         head_dim=256,
     ),
+    # The bundled model (src/codegemma/assets/): the 2B's shape (MQA, GeGLU) scaled to what two
+    # CPU cores train in about an hour; its vocabulary is the tokenizer `make model` trains.
+    "mini": ModelConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=2048,
+        torch_dtype="float32",
+    ),
     # A seconds-to-build model for tests: GQA shape, vocab large enough for Gemma's special ids.
     "tiny": ModelConfig(
         vocab_size=512,
