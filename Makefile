@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow bench lint format model clean
+.PHONY: demo test test-slow bench lint format model model-card clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,32 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
+
+# The bundled model: the whole recipe on this machine's CPython standard library (see MODEL_CARD.md).
+MODEL_DIR := src/codegemma/assets/codegemma-tiny
+BUILD := build/model
+CG := $(BIN)/codegemma
+
+model: $(STAMP)
+	rm -rf $(BUILD) build/corpus
+	$(BIN)/python scripts/stdlib_corpus.py build/corpus
+	$(CG) tokenizer train build/corpus/train --vocab-size 8192 --out $(BUILD)/tokenizer
+	$(CG) data prepare cpython=build/corpus/train/Lib --out $(BUILD)/data \
+	  --tokenizer $(BUILD)/tokenizer --seq-len 512 --quiet
+	$(CG) data prepare cpython=build/corpus/heldout/Lib --out $(BUILD)/heldout \
+	  --tokenizer $(BUILD)/tokenizer --seq-len 512 --quiet
+	$(CG) train --config configs/codegemma-tiny.toml
+	$(BIN)/python scripts/export_model.py $(BUILD)/run $(MODEL_DIR)
+	$(MAKE) model-card
+
+# Evaluate the exported model and write its card (also after a `make model` interrupted late).
+model-card: $(STAMP)
+	$(CG) train plot $(BUILD)/run --out $(MODEL_DIR)/loss.png
+	$(CG) eval run humaneval-single-line --model $(MODEL_DIR) --out $(BUILD)/eval/single-line --quiet
+	$(CG) eval run humaneval-multi-line --model $(MODEL_DIR) --out $(BUILD)/eval/multi-line --quiet
+	$(CG) eval run humaneval --model $(MODEL_DIR) --out $(BUILD)/eval/humaneval --quiet
+	$(BIN)/python scripts/model_card.py --corpus build/corpus --data $(BUILD)/data \
+	  --run $(BUILD)/run --model $(MODEL_DIR) --eval $(BUILD)/eval/* --out $(MODEL_DIR)/MODEL_CARD.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

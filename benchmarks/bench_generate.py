@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,15 @@ def memory_bandwidth_gbs(size_gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across
+    fork/exec, so a worker would report the parent's peak (the checkpoint-making one)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def _time(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -118,7 +126,7 @@ def worker(impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: s
     return {
         "prefill_tok_s": prompt_len / t1,
         "decode_tok_s": (new_tokens - 1) / max(tn - t1, 1e-9),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_bytes() / 2**30,
     }
 
 

@@ -69,7 +69,7 @@ def model_config(name: str) -> ModelConfig:
 def write_inputs(root: Path, config: ModelConfig, rows: int, seq_len: int) -> tuple[Path, Path]:
     """A tokenizer, a model dir (random init, seed 0) and random-token shards that fit both."""
     from codegemma.checkpoint import save_model
-    from codegemma.data.shards import FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype
+    from codegemma.data.shards import write_token_dataset
     from codegemma.model import GemmaForCausalLM
     from codegemma.tokenizer import Tokenizer
     from codegemma.train.tokenizer import train_tokenizer
@@ -80,25 +80,8 @@ def write_inputs(root: Path, config: ModelConfig, rows: int, seq_len: int) -> tu
         model = GemmaForCausalLM(config)
     model.to_empty(device="cpu").init_weights(seed=0)
     save_model(model, config, root / "model")
-    dtype = token_dtype(tok.vocab_size)
-    ids = np.random.default_rng(0).integers(0, tok.vocab_size, rows * seq_len).astype(dtype)
-    writer = ShardWriter(root / "shards" / "shard-00000.bin", seq_len, dtype)
-    writer.add(ids)
-    info = writer.close()
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "seq_len": seq_len,
-        "dtype": dtype.name,
-        "num_sequences": rows,
-        "tokenizer": {
-            "path": str(tok_dir),
-            "fingerprint": tok.fingerprint,
-            "vocab_size": tok.vocab_size,
-        },
-        "shards": [info.to_dict()],
-    }
-    write_text_atomic(root / "shards" / MANIFEST, json.dumps(manifest))
+    ids = np.random.default_rng(0).integers(0, tok.vocab_size, rows * seq_len)
+    write_token_dataset(root / "shards", ids, tok, seq_len=seq_len)
     return tok_dir, root / "shards"
 
 

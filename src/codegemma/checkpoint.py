@@ -474,7 +474,7 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return out
 
 
@@ -553,7 +553,7 @@ def _write_checkpoint(
         for old in out.iterdir():
             if SHARD_RE.fullmatch(old.name) and old.name not in names:
                 old.unlink()
-        _fsync_dir(out)
+        fsync_dir(out)
         config.save(out)
         generation = {
             k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -575,7 +575,7 @@ def _write_checkpoint(
             "weight_map": dict(sorted(weight_map.items())),
         }
         write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def _fsync_file(path: Path) -> None:
@@ -583,7 +583,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside `path` durable (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms without directory fds (Windows): renames are still atomic

@@ -1,4 +1,4 @@
-"""Helpers for trainer tests: small token shards written with the data pipeline's ShardWriter,
+"""Helpers for trainer tests: small token shards written with the data pipeline's writer,
 chat conversations for SFT, and a fast TrainConfig of the tiny preset."""
 
 from __future__ import annotations
@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from codegemma.config import write_text_atomic
-from codegemma.data.shards import FORMAT, MANIFEST, VERSION, ShardWriter, shard_name, token_dtype
+from codegemma.data.shards import write_token_dataset
 from codegemma.tokenizer import Tokenizer
 from codegemma.train.config import TrainConfig
 
@@ -34,30 +31,7 @@ def write_shards(
     stream: list[int] = []
     for text in texts:
         stream += [tok.bos_id, *tok.encode(text), tok.eos_id]
-    rows = len(stream) // seq_len
-    dtype = token_dtype(tok.vocab_size)
-    shards = []
-    for i, start in enumerate(range(0, rows, per_shard)):
-        w = ShardWriter(out / shard_name(i), seq_len, dtype)
-        stop = min(rows, start + per_shard)
-        w.add(np.asarray(stream[start * seq_len : stop * seq_len]))
-        shards.append(w.close().to_dict())
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "seq_len": seq_len,
-        "dtype": dtype.name,
-        "num_sequences": rows,
-        "num_tokens": rows * seq_len,
-        "tokenizer": {
-            "path": str(tok.path),
-            "fingerprint": tok.fingerprint,
-            "vocab_size": tok.vocab_size,
-        },
-        "shards": shards,
-    }
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
-    return out
+    return write_token_dataset(out, stream, tok, seq_len=seq_len, rows_per_shard=per_shard)
 
 
 CHATS = [

@@ -39,11 +39,11 @@ from codegemma.data.filters import FilterConfig, QualityFilters
 from codegemma.data.fim import FimConfig
 from codegemma.data.pii import PiiConfig, PiiStep
 from codegemma.data.shards import (
-    FORMAT,
     MANIFEST,
     VERSION,
     ShardError,
     ShardWriter,
+    base_manifest,
     shard_name,
     token_dtype,
 )
@@ -300,26 +300,11 @@ def _manifest(
         stats += Stats(r["stats"])
     stats += Stats({"dedup": dedup["stats"]})
     shards = [r["shard"] for r in shard_results]
-    num_sequences = sum(s["sequences"] for s in shards)
     return {
-        "format": FORMAT,
-        "version": VERSION,
-        "seq_len": cfg.seq_len,
-        "dtype": token_dtype(tok.vocab_size).name,
-        "num_sequences": num_sequences,
-        "num_tokens": num_sequences * cfg.seq_len,
+        **base_manifest(tok, cfg.seq_len, shards, tokenizer_path=cfg.tokenizer),
         "layout": "each repository: <bos> file_1 <|file_separator|> ... file_n <eos>; "
         "repositories concatenated and cut into seq_len rows; the last partial row "
         "of each shard is dropped",
-        "tokenizer": {
-            "path": str(cfg.tokenizer),
-            "fingerprint": tok.fingerprint,
-            "vocab_size": tok.vocab_size,
-            "bos": tok.bos_id,
-            "eos": tok.eos_id,
-            "pad": tok.pad_id,
-        },
-        "shards": shards,
         "stats": stats.to_dict(),
         "dedup_clusters": dedup["clusters"],
         "config": cfg.to_dict(),

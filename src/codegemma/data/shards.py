@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from codegemma.config import write_text_atomic
+
 FORMAT = "codegemma-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -141,6 +143,58 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def base_manifest(
+    tok: Any,
+    seq_len: int,
+    shards: list[dict[str, Any]],
+    tokenizer_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The manifest fields every prepared directory has, and the reader checks."""
+    num_sequences = sum(s["sequences"] for s in shards)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "seq_len": seq_len,
+        "dtype": token_dtype(tok.vocab_size).name,
+        "num_sequences": num_sequences,
+        "num_tokens": num_sequences * seq_len,
+        "tokenizer": {
+            "path": str(tokenizer_path or tok.path),
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "bos": tok.bos_id,
+            "eos": tok.eos_id,
+            "pad": tok.pad_id,
+        },
+        "shards": shards,
+    }
+
+
+def write_token_dataset(
+    out: str | os.PathLike,
+    tokens: list[int] | np.ndarray,
+    tok: Any,
+    *,
+    seq_len: int,
+    rows_per_shard: int | None = None,
+) -> Path:
+    """A prepared directory from one token stream made outside `codegemma data prepare` (tests,
+    benchmarks, custom pipelines): cut into [seq_len] rows, the tail dropped, `rows_per_shard`
+    rows a shard (default: one shard), the manifest written last."""
+    out = Path(out)
+    stream = np.asarray(tokens)
+    rows = len(stream) // seq_len
+    per_shard = rows_per_shard or max(rows, 1)
+    dtype = token_dtype(tok.vocab_size)
+    shards = []
+    for i, start in enumerate(range(0, max(rows, 1), per_shard)):
+        writer = ShardWriter(out / shard_name(i), seq_len, dtype)
+        writer.add(stream[start * seq_len : min(rows, start + per_shard) * seq_len])
+        shards.append(writer.close().to_dict())
+    write_text_atomic(out / MANIFEST, json.dumps(base_manifest(tok, seq_len, shards), indent=1))
+    return out
 
 
 class ShardDataset:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codegemma.checkpoint import load_model, save_model
+from codegemma.checkpoint import fsync_dir, load_model, save_model
 from codegemma.config import ModelConfig, write_text_atomic
 from codegemma.model import GemmaForCausalLM
 
@@ -104,19 +104,6 @@ def _file_sizes(root: Path) -> dict[str, int]:
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no directory fds (Windows); renames are atomic there all the same
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_state(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
     with open(path, "rb") as f:
@@ -150,11 +137,11 @@ def save_checkpoint(
             tmp / COMPLETE,
             json.dumps({"step": step, "files": _file_sizes(tmp)}, indent=1, sort_keys=True) + "\n",
         )
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # an older save of this step: move it aside, then replace it
             os.replace(final, final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp")
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
