@@ -32,6 +32,7 @@ from codegemma.eval.tasks import Task, load_taskset
 # bigcode-evaluation-harness's HumanEval stop set (the Codex paper's plus "\n@" and a fence).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
 MBPP_STOP = ("[DONE]",)
+GENERATE_CHUNK = 16  # prompts per generator call, in units of the engine's batch size
 
 
 class Generator(Protocol):
@@ -176,9 +177,12 @@ def generate_samples(
 ) -> _Rows:
     samples = _Rows(out / "samples.jsonl")
     todo = [(t, j) for j in range(cfg.n) for t in tasks if (t.task_id, j) not in samples.rows]
+    # The engine batches continuously over its `batch_size` slots: give it many prompts at a time,
+    # so slots freed by short completions refill at once, and save rows after each chunk (resume).
+    chunk = cfg.batch_size * GENERATE_CHUNK
     with _progress(len(todo), "generate", progress) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
             seed = None if cfg.temperature == 0 else cfg.seed + start
             t0 = time.perf_counter()
             raw = _generate(batch, generator, cfg, seed)
