@@ -38,7 +38,7 @@ class CanonicalGenerator:
             out.append(t.canonical_solution + tail)
         return out
 
-    def infill(self, pairs, *, max_new_tokens, temperature, top_p, seed):
+    def infill(self, pairs, *, stop, max_new_tokens, temperature, top_p, seed):
         self.asked += len(pairs)
         return [self.by_pair[p].canonical_solution for p in pairs]
 
@@ -302,3 +302,18 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
         assert summary["num_samples"] == 3 and set(summary["pass_at_k"]) == {"pass@1"}
         assert sum(summary["results"].values()) == 3
         assert summary["generation_seconds"] > 0
+
+
+def test_every_kth_task_is_a_recorded_deterministic_subset(tmp_path):
+    cfg = RunConfig(taskset="humaneval", model="canonical-stand-in", limit=9, every=4)
+    tasks = load_taskset("humaneval", None, 9)
+    summary = run_eval(cfg, CanonicalGenerator(tasks), tmp_path, progress=False)
+    assert summary["num_tasks"] == 3  # tasks 0, 4, 8
+    assert {r["task_id"] for r in read_samples(tmp_path / "samples.jsonl").values()} == {
+        "HumanEval/0",
+        "HumanEval/4",
+        "HumanEval/8",
+    }
+    assert "every 4th task" in report([tmp_path])
+    with pytest.raises(ValueError, match="--every"):
+        RunConfig(taskset="humaneval", model="m", every=0)

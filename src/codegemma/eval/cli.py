@@ -56,6 +56,12 @@ def register(subparsers) -> None:
         "--max-new-tokens", type=int, default=None, help="default 128 for infilling, 512 otherwise"
     )
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        help="evaluate every K-th task only (a deterministic subset, recorded)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 
@@ -98,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_new_tokens=max_new,
         seed=args.seed,
         limit=args.limit,
+        every=args.every,
         data=args.data,
         batch_size=args.batch_size,
         timeout_s=args.timeout,

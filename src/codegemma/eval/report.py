@@ -111,6 +111,8 @@ def _notes(summaries: list[dict]) -> str:
             if cfg
             else "scored from a samples file"
         )
+        if cfg.get("every", 1) > 1:
+            how += f"; a subset: every {cfg['every']}th task of the set"
         notes.append(
             f"- {s['model']} on {s['taskset']}: {s['num_tasks']} tasks, "
             f"{s['samples_per_task']} sample(s)/task ({ks}); {how}; "

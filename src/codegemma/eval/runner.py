@@ -32,6 +32,7 @@ from codegemma.eval.tasks import Task, load_taskset
 # bigcode-evaluation-harness's HumanEval stop set (the Codex paper's plus "\n@" and a fence).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
 MBPP_STOP = ("[DONE]",)
+SINGLE_LINE = "SingleLineInfilling/"
 GENERATE_CHUNK = 16  # prompts per generator call, in units of the engine's batch size
 
 
@@ -51,6 +52,7 @@ class Generator(Protocol):
         self,
         pairs: Sequence[tuple[str, str]],
         *,
+        stop: Sequence[str],
         max_new_tokens: int,
         temperature: float,
         top_p: float,
@@ -74,14 +76,19 @@ class CodeGemmaGenerator:
             seed=seed,
         )
 
-    def infill(self, pairs, *, max_new_tokens, temperature, top_p, seed):
+    def infill(self, pairs, *, stop, max_new_tokens, temperature, top_p, seed):
         from codegemma import prompts
 
         # Token ids, not the product's complete(): its editor post-processing (line/block mode,
         # suffix trimming) would change what the benchmark measures.
         ids = [prompts.fim_prompt(self.cg.tokenizer, p, s) for p, s in pairs]
         return self.cg.generate_batch(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            ids,
+            stop=list(stop),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
         )
 
 
@@ -96,6 +103,7 @@ class RunConfig:
     max_new_tokens: int = 512
     seed: int = 0
     limit: int | None = None
+    every: int = 1  # every k-th task: a deterministic subset of a large set
     data: str | None = None
     batch_size: int = 8
     timeout_s: float = 3.0
@@ -115,10 +123,22 @@ class RunConfig:
             raise ValueError("need --temperature >= 0 and 0 < --top-p <= 1")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--batch-size and --max-new-tokens must be positive")
+        if self.every < 1:
+            raise ValueError(f"--every must be >= 1 (1 = every task), got {self.every}")
 
     def identity(self) -> dict:
         """What a resumed run must share with the stored one."""
-        keys = ("taskset", "model", "n", "temperature", "top_p", "max_new_tokens", "seed", "limit")
+        keys = (
+            "taskset",
+            "model",
+            "n",
+            "temperature",
+            "top_p",
+            "max_new_tokens",
+            "seed",
+            "limit",
+            "every",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -154,7 +174,7 @@ def postprocess(task: Task, text: str) -> str:
         return _cut(text, HUMANEVAL_STOP)
     if task.kind == "mbpp":
         return _cut(text, MBPP_STOP).strip() + "\n"
-    if task.task_id.startswith("SingleLineInfilling/"):
+    if task.task_id.startswith(SINGLE_LINE):
         # One line is asked for: keep through its newline (the suffix starts the next line).
         head, nl, _ = text.partition("\n")
         return head + "\n"
@@ -212,7 +232,10 @@ def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> 
             continue
         tasks = [batch[i][0] for i in idx]
         if kind == "infilling":
-            texts = generator.infill([(t.prompt, t.suffix) for t in tasks], **opts)
+            # a single-line task keeps only the first line (postprocess): stop generating there
+            single = all(t.task_id.startswith(SINGLE_LINE) for t in tasks)
+            pairs = [(t.prompt, t.suffix) for t in tasks]
+            texts = generator.infill(pairs, stop=("\n",) if single else (), **opts)
         else:
             stop = HUMANEVAL_STOP if kind == "humaneval" else MBPP_STOP
             texts = generator.generate([t.prompt for t in tasks], stop=stop, **opts)
@@ -294,7 +317,7 @@ def run_eval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out / "run.json", cfg)
-    tasks = load_taskset(cfg.taskset, cfg.data, cfg.limit)
+    tasks = load_taskset(cfg.taskset, cfg.data, cfg.limit)[:: cfg.every]
     samples = generate_samples(tasks, generator, cfg, out, progress=progress)
     results = execute_samples(
         tasks, samples.rows, out, timeout_s=cfg.timeout_s, workers=cfg.workers, progress=progress
