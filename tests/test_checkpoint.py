@@ -748,3 +748,12 @@ def test_loading_maps_the_file_instead_of_copying_it(tmp_path) -> None:
     assert same["anon_after_touch"] < 0.25 * size, same  # reading fills page cache, not heap
     converted = probe("bfloat16")  # control: a conversion must copy, and the probe sees it
     assert converted["anon_after_touch"] > 0.4 * size, converted
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    from codegemma.config import file_mode
+
+    model = GemmaForCausalLM(ModelConfig.preset("tiny"))
+    out = save_model(model, model.config, tmp_path / "m", max_shard_bytes=200_000)
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == file_mode(), f.name

@@ -56,13 +56,16 @@ class CodeGemma:
         path: str | None = None,
         files: Sequence[ContextFile | Mapping] = (),
         mode: str = "auto",
+        fim_mode: str = "psm",
         **options,
     ) -> str:
-        """The middle between `prefix` and `suffix`; options: max_new_tokens, temperature, top_p,
-        top_k, repetition_penalty, seed, stop (extra stop strings)."""
-        return self.complete_batch(
-            [dict(prefix=prefix, suffix=suffix, path=path, files=files, mode=mode)], **options
-        )[0]
+        """The middle between `prefix` and `suffix`. mode: auto | line | block; fim_mode: the
+        prompt layout, psm (CodeGemma's documented one) or spm; options: max_new_tokens,
+        temperature, top_p, top_k, repetition_penalty, seed, stop (extra stop strings)."""
+        request = dict(
+            prefix=prefix, suffix=suffix, path=path, files=files, mode=mode, fim_mode=fim_mode
+        )
+        return self.complete_batch([request], **options)[0]
 
     def complete_batch(
         self, requests: Sequence[Mapping | completion.CompletionRequest], **options

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codegemma.config import ConfigError, ModelConfig, write_text_atomic
+from codegemma.config import ConfigError, ModelConfig, file_mode, write_text_atomic
 from codegemma.model import GemmaForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -545,6 +545,7 @@ def _write_checkpoint(
             tmp = out / f".{name}.{uuid.uuid4().hex}.tmp"
             temps.append(tmp)
             save_file({k: state[k] for k in shard}, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, file_mode())  # safetensors creates its files 0600
             _fsync_file(tmp)
         # Remove the old commit points first: from here until the new one exists, the
         # directory has no weights and refuses to load rather than mixing old and new files.

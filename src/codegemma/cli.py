@@ -99,7 +99,13 @@ def cmd_complete(args: argparse.Namespace) -> int:
     files = [ContextFile(path=f, text=Path(f).read_text(encoding="utf-8")) for f in args.context]
     cg = _load(args)
     middle = cg.complete(
-        prefix, suffix, path=path, files=files, mode=args.mode, **_sampling_options(args)
+        prefix,
+        suffix,
+        path=path,
+        files=files,
+        mode=args.mode,
+        fim_mode=args.fim_mode,
+        **_sampling_options(args),
     )
     if args.show:
         bold, reset = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("", "")
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="another file of the repository to show the model (repeatable)",
     )
     p.add_argument("--mode", choices=["auto", "line", "block"], default="auto")
+    p.add_argument(
+        "--fim-mode",
+        choices=["psm", "spm"],
+        default="psm",
+        help="prompt layout: prefix-suffix-middle (CodeGemma's documented) or suffix-prefix-middle",
+    )
     p.add_argument("--show", action="store_true", help="print prefix + middle + suffix")
     _sampling_args(p, max_new_tokens=128)
     p.set_defaults(func=cmd_complete)

@@ -32,11 +32,13 @@ class CompletionRequest:
     suffix: str = ""
     path: str | None = None
     files: tuple[ContextFile, ...] = ()
-    mode: str = "auto"
+    mode: str = "auto"  # auto | line | block
+    fim_mode: FimMode = FimMode.PSM  # the prompt layout; CodeGemma documents PSM
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        object.__setattr__(self, "fim_mode", FimMode(self.fim_mode))
         files = tuple(f if isinstance(f, ContextFile) else ContextFile(**f) for f in self.files)
         object.__setattr__(self, "files", files)
 
@@ -61,11 +63,10 @@ def fim_params(
     )
 
 
-def build_prompt(
-    tokenizer, request: CompletionRequest, budget: int, fim_mode: FimMode = FimMode.PSM
-) -> list[int]:
+def build_prompt(tokenizer, request: CompletionRequest, budget: int) -> list[int]:
     """The FIM prompt ids for `request`, fitted into `budget` tokens."""
     prefix, suffix, files = request.prefix, request.suffix, list(request.files)
+    fim_mode = request.fim_mode
     ids = prompts.fim_prompt(
         tokenizer, prefix, suffix, mode=fim_mode, path=request.path, files=files
     )
@@ -188,9 +189,10 @@ def complete(
     path: str | None = None,
     files: Sequence[ContextFile] = (),
     mode: str = "auto",
+    fim_mode: FimMode | str = FimMode.PSM,
     **options,
 ) -> str:
     request = CompletionRequest(
-        prefix=prefix, suffix=suffix, path=path, files=tuple(files), mode=mode
+        prefix=prefix, suffix=suffix, path=path, files=tuple(files), mode=mode, fim_mode=fim_mode
     )
     return complete_batch(engine, tokenizer, [request], **options)[0]
