@@ -70,6 +70,16 @@ def memory_bandwidth_gbs(size_gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def gemv_bandwidth_gbs(dtype: torch.dtype, repeats: int = 20) -> float:
+    """Weight bytes per second that one decode-shaped matmul (x[1, 2048] @ W[16384, 2048]^T, the
+    2B's MLP up-projection) streams: what the decode step can reach on this CPU."""
+    w = torch.randn(16384, 2048).to(dtype)
+    x = torch.randn(1, 2048).to(dtype)
+    torch.nn.functional.linear(x, w)
+    best = min(_time(lambda: torch.nn.functional.linear(x, w)) for _ in range(repeats))
+    return w.numel() * w.element_size() / best / 1e9
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across
     fork/exec, so a worker would report the parent's peak (the checkpoint-making one)."""
@@ -153,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="small,2b")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--worker", choices=["ours", "transformers"])
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="float32")
@@ -172,6 +182,11 @@ def main() -> None:
     print(
         f"# machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"measured memory bandwidth {bandwidth:.1f} GB/s"
+    )
+    print(
+        f"# one decode-shaped matmul streams bf16 weights at "
+        f"{gemv_bandwidth_gbs(torch.bfloat16):.1f} GB/s, fp32 at "
+        f"{gemv_bandwidth_gbs(torch.float32):.1f} GB/s"
     )
     print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1\n")
     print(
