@@ -1,14 +1,15 @@
 """Generation speed and memory: our engine vs transformers' `generate`, same checkpoint, one run.
 
-For each config (a small one, where per-token overhead dominates, and the CodeGemma 2B shape, where
-reading the weights dominates) a random-weight checkpoint is written once, then each implementation
+For each config (tiny: weights in cache, the step is all per-token overhead; small: 19 MB of fp32
+weights, overhead plus memory traffic; the CodeGemma 2B shape: reading the weights dominates) a
+random-weight checkpoint is written once, then each implementation
 runs in its own subprocess (so peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop.
   prefill tok/s = prompt tokens / time of a 1-token generation
   decode tok/s  = (N - 1) / (time of an N-token generation - time of a 1-token generation)
 The machine's memory bandwidth is measured in the same run (streaming read of a 1 GiB tensor);
 the decode limit is bandwidth / bytes of weights read per token.
 
-    python benchmarks/bench_generate.py                  # small + 2b (bf16)
+    python benchmarks/bench_generate.py                  # tiny, small and 2b (bf16)
     python benchmarks/bench_generate.py --configs small --new-tokens 64
 """
 
@@ -40,6 +41,8 @@ CONFIGS = {
         ),
         dtype="float32",
     ),
+    # the test preset: weights fit in cache, so the step is all per-token overhead
+    "tiny": dict(preset="tiny", overrides={}, dtype="float32"),
     "2b": dict(preset="2b", overrides={}, dtype="bfloat16"),
 }
 
@@ -161,7 +164,7 @@ def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="small,2b")
+    parser.add_argument("--configs", default="tiny,small,2b")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--worker", choices=["ours", "transformers"])
