@@ -268,3 +268,22 @@ def test_stop_text_releases_exactly_the_text_before_the_earliest_stop(pieces, st
     assert "".join(released) == expected
     # nothing released ever ran past the final text
     assert all(expected.startswith("".join(released[: k + 1])) for k in range(len(released)))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=4, temperature=1e-30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1e30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=1e-30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=1e30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=0.5, top_p=1e-9, top_k=1, seed=0),
+    ],
+)
+def test_extreme_but_valid_sampling_parameters_do_not_break_sampling(params):
+    model = tiny_model()
+    prompt = prompts_of([6])[0]
+    (result,) = Engine(model).generate([prompt], params)
+    assert len(result.token_ids) == 4
+    if params.temperature == 1e-30:  # vanishing temperature is greedy
+        assert result.token_ids == no_cache_greedy(model, prompt, 4)

@@ -79,9 +79,15 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One next token from logits [V] (float32)."""
+    """One next token from logits [V] (float32). Valid but extreme parameters (a temperature of
+    1e-30, a huge repetition penalty) must not overflow: the best logit is moved to 0 before
+    scaling, so it stays finite and keeps the probability mass."""
     if params.greedy:
         return int(logits.argmax())
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    finite = torch.finfo(logits.dtype).max
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=finite, neginf=float("-inf"))
+    if not torch.isfinite(logits).any():
+        raise ValueError("the model produced no finite logit (all NaN or -inf): check the weights")
+    logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -119,33 +119,31 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
+    async def openai_route(body, request: Request, planner, *, chat: bool, render) -> Response:
+        """The two OpenAI routes differ only in planning, `chat` framing and the body."""
         state.check_model(body.model)
-        plan = await state.plan(serving.plan_completion, body)
+        plan = await state.plan(planner, body)
         submission = state.submit(plan)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = responses.openai_stream(
-                submission, plan, model=state.model_id, chat=False, include_usage=include_usage
+                submission, plan, model=state.model_id, chat=chat, include_usage=include_usage
             )
             return _sse(stream, submission)
         done = await _until_done(request, submission, serving.collect(submission, plan))
-        return JSONResponse(responses.completion_body(state.model_id, plan, done))
+        return JSONResponse(render(state.model_id, plan, done))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
+        return await openai_route(
+            body, request, serving.plan_completion, chat=False, render=responses.completion_body
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request) -> Response:
-        state.check_model(body.model)
-        plan = await state.plan(serving.plan_chat, body)
-        submission = state.submit(plan)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = responses.openai_stream(
-                submission, plan, model=state.model_id, chat=True, include_usage=include_usage
-            )
-            return _sse(stream, submission)
-        done = await _until_done(request, submission, serving.collect(submission, plan))
-        return JSONResponse(responses.chat_body(state.model_id, plan, done))
+        return await openai_route(
+            body, request, serving.plan_chat, chat=True, render=responses.chat_body
+        )
 
     @app.post("/infill", response_model=None)
     async def infill(body: protocol.InfillRequest, request: Request) -> Response:

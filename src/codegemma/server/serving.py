@@ -276,8 +276,15 @@ class FimTracker:
             end < len(self.raw) and self.raw[end] == "\n" and self.raw.find("\n", end + 1) >= 0
         )
         # The last line (and its newline: a later cut drops it) may still change.
-        stable = processed if self.cut else processed[: max(processed.rfind("\n"), 0)]
-        return self._release(stable)
+        if not self.cut:
+            stable = processed[: max(processed.rfind("\n"), 0)]
+            # Two rules act on the end of the final text: it may start repeating the suffix
+            # (trimmed), or be whitespace only (dropped). Hold back what either could still take.
+            stable = stable[: len(stable) - _suffix_overlap(stable, self.request.suffix)]
+            if not stable.strip():
+                return ""
+            processed = stable
+        return self._release(processed)
 
     def finish(self, delta: str) -> str:
         self.raw += delta
@@ -288,6 +295,14 @@ class FimTracker:
             return ""  # nothing new (or a tail rule trimmed sent text, which cannot be unsent)
         delta, self.text = stable[len(self.text) :], stable
         return delta
+
+
+def _suffix_overlap(text: str, suffix: str) -> int:
+    """Length of the longest tail of `text` that is a beginning of `suffix`."""
+    for j in range(min(len(text), len(suffix)), 0, -1):
+        if text.endswith(suffix[:j]):
+            return j
+    return 0
 
 
 @dataclass(frozen=True)
