@@ -25,22 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import CONFIGS as TRAIN_CONFIGS  # one "small" model for both benchmarks
 
 CONFIGS = {
-    "small": dict(
-        preset="tiny",
-        overrides=dict(
-            vocab_size=4096,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=64,
-            max_position_embeddings=2048,
-        ),
-        dtype="float32",
-    ),
+    "small": dict(preset="tiny", overrides=TRAIN_CONFIGS["small"], dtype="float32"),
     # the test preset: weights fit in cache, so the step is all per-token overhead
     "tiny": dict(preset="tiny", overrides={}, dtype="float32"),
     "2b": dict(preset="2b", overrides={}, dtype="bfloat16"),

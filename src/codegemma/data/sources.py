@@ -174,34 +174,18 @@ def _chunk(
     config: SourceConfig,
     start: int,
 ) -> list[ReadTask]:
-    tasks, members, size = [], [], 0
+    """Cut a sorted listing into tasks of about `chunk_bytes` (at least one task per source)."""
+    groups: list[tuple[list[str], int]] = [([], 0)]
     for name, nbytes in listing:
+        if groups[-1][1] >= config.chunk_bytes:
+            groups.append(([], 0))
+        members, size = groups[-1]
         members.append(name)
-        size += nbytes
-        if size >= config.chunk_bytes:
-            tasks.append(
-                ReadTask(
-                    index=start + len(tasks),
-                    kind=kind,
-                    path=str(path),
-                    repo=repo,
-                    members=tuple(members),
-                    nbytes=size,
-                )
-            )
-            members, size = [], 0
-    if members or not tasks:
-        tasks.append(
-            ReadTask(
-                index=start + len(tasks),
-                kind=kind,
-                path=str(path),
-                repo=repo,
-                members=tuple(members),
-                nbytes=size,
-            )
-        )
-    return tasks
+        groups[-1] = (members, size + nbytes)
+    return [
+        ReadTask(index=start + i, kind=kind, path=str(path), repo=repo, members=tuple(m), nbytes=n)
+        for i, (m, n) in enumerate(groups)
+    ]
 
 
 # -- reading -----------------------------------------------------------------------------------
