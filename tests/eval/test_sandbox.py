@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from codegemma.eval.execution import execute
-from codegemma.eval.sandbox import UID_BASE, Limits, Sandbox, remove_tree
+from codegemma.eval.sandbox import MARKER_VAR, Limits, Sandbox, host_tag, host_uids, remove_tree
 from codegemma.eval.tasks import Task
 
 HERE = Path(__file__).parent
@@ -20,7 +20,12 @@ LIMITS = Limits(timeout_s=2.0, memory_bytes=512 << 20, max_output_bytes=16 << 10
 
 
 def sandbox_processes() -> set[int]:
-    """Processes of any sandbox uid, or carrying a sandbox marker: none may outlive a run."""
+    """Processes of our sandboxes' uids, or carrying our sandboxes' marker: none may outlive a run.
+
+    Scoped to this test process, so another pytest worker's evaluation running beside it is not
+    mistaken for a survivor of ours."""
+    uids = host_uids()
+    marker = f"{MARKER_VAR}={host_tag()}".encode()
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -29,13 +34,13 @@ def sandbox_processes() -> set[int]:
         except OSError:
             continue
         uid = int(status.split("Uid:")[1].split()[0])
-        if "State:\tZ" not in status and (uid >= UID_BASE or b"CODEGEMMA_SANDBOX_ID=" in environ):
+        if "State:\tZ" not in status and (uid in uids or marker in environ):
             found.add(int(pid))
     return found
 
 
 def sandbox_dirs() -> set[str]:
-    return {p for p in os.listdir("/tmp") if p.startswith("codegemma-sandbox-")}
+    return {p for p in os.listdir("/tmp") if p.startswith(f"codegemma-sandbox-{host_tag()}")}
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,19 @@ MARKER_VAR = "CODEGEMMA_SANDBOX_ID"
 # uids with no passwd entry, away from the usual subuid (100000+) and systemd (61184+) ranges;
 # offset by our pid so two harnesses on one host rarely share a slot.
 UID_BASE = 310_000
+UIDS_PER_HOST = 256
+
+
+def host_uids(pid: int | None = None) -> range:
+    """The slot uids of the harness process `pid` (default: this one)."""
+    base = UID_BASE + ((os.getpid() if pid is None else pid) % 4096) * UIDS_PER_HOST
+    return range(base, base + UIDS_PER_HOST)
+
+
+def host_tag(pid: int | None = None) -> str:
+    """Prefix of the markers and working directories of the harness process `pid`, so that a
+    harness (or a test) can tell its own leftovers from another's running beside it."""
+    return f"{os.getpid() if pid is None else pid}-"
 UNSHARE = ("unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "--kill-child")
 
 
@@ -233,10 +246,10 @@ class Sandbox:
         if self.use_uid and not self.use_namespaces and not _uid_can_run_python(python):
             self.use_uid = False  # Python lives where another uid cannot read it (e.g. /root)
         n = slots or max(os.cpu_count() or 1, 1) * 4
-        base = UID_BASE + (os.getpid() % 4096) * 256
+        uids = host_uids()
         self._slots: queue.Queue[int] = queue.Queue()
         for i in range(n):
-            self._slots.put(base + i % 256)
+            self._slots.put(uids[i % len(uids)])
         self._zygote: _Zygote | None = None
         self._zygote_lock = threading.Lock()
 
@@ -340,8 +353,8 @@ class Sandbox:
 
     # -- a run in a fresh process (no namespaces) -------------------------------------------
     def _run_exec(self, payload: dict, lim: Limits, uid: int) -> SandboxResult:
-        hostdir = tempfile.mkdtemp(prefix="codegemma-sandbox-")
-        marker = secrets.token_hex(8)
+        hostdir = tempfile.mkdtemp(prefix=f"codegemma-sandbox-{host_tag()}")
+        marker = host_tag() + secrets.token_hex(8)
         read_fd, write_fd = os.pipe()
         try:
             env = dict(scrubbed_env(), HOME=hostdir, TMPDIR=hostdir, **{MARKER_VAR: marker})
