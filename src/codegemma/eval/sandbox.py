@@ -47,6 +47,7 @@ MARKER_VAR = "CODEGEMMA_SANDBOX_ID"
 # offset by our pid so two harnesses on one host rarely share a slot.
 UID_BASE = 310_000
 UIDS_PER_HOST = 256
+UNSHARE = ("unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "--kill-child")
 
 
 def host_uids(pid: int | None = None) -> range:
@@ -59,7 +60,6 @@ def host_tag(pid: int | None = None) -> str:
     """Prefix of the markers and working directories of the harness process `pid`, so that a
     harness (or a test) can tell its own leftovers from another's running beside it."""
     return f"{os.getpid() if pid is None else pid}-"
-UNSHARE = ("unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "--kill-child")
 
 
 @dataclass(frozen=True, kw_only=True)
