@@ -5,9 +5,11 @@ weights, overhead plus memory traffic; the CodeGemma 2B shape: reading the weigh
 random-weight checkpoint is written once, then each implementation
 runs in its own subprocess (so peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop.
   prefill tok/s = prompt tokens / time of a 1-token generation
-  decode tok/s  = (N - 1) / (time of an N-token generation - time of a 1-token generation)
-The machine's memory bandwidth is measured in the same run (streaming read of a 1 GiB tensor);
-the decode limit is bandwidth / bytes of weights read per token.
+  decode tok/s  = (N - 1) / (time of an N-token generation - time of a 1-token generation),
+                  the best of --repeats generations
+The machine's memory bandwidth (streaming read of a 1 GiB tensor, best of 5) is measured right
+before each worker runs, since other jobs on a shared machine move it by up to 2x; that row's
+decode limit is this bandwidth / bytes of weights read per token.
 
     python benchmarks/bench_generate.py                  # tiny, small and 2b (bf16)
     python benchmarks/bench_generate.py --configs small --new-tokens 64
@@ -61,13 +63,15 @@ def memory_bandwidth_gbs(size_gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def gemv_bandwidth_gbs(dtype: torch.dtype, repeats: int = 20) -> float:
+def gemv_bandwidth_gbs(
+    dtype: torch.dtype, fn=torch.nn.functional.linear, repeats: int = 20
+) -> float:
     """Weight bytes per second that one decode-shaped matmul (x[1, 2048] @ W[16384, 2048]^T, the
-    2B's MLP up-projection) streams: what the decode step can reach on this CPU."""
+    2B's MLP up-projection) streams through `fn` (torch's F.linear, or our kernel)."""
     w = torch.randn(16384, 2048).to(dtype)
     x = torch.randn(1, 2048).to(dtype)
-    torch.nn.functional.linear(x, w)
-    best = min(_time(lambda: torch.nn.functional.linear(x, w)) for _ in range(repeats))
+    fn(x, w)
+    best = min(_time(lambda: fn(x, w)) for _ in range(repeats))
     return w.numel() * w.element_size() / best / 1e9
 
 
@@ -86,7 +90,9 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def worker(impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str) -> dict:
+def worker(
+    impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int
+) -> dict:
     torch.manual_seed(0)
     if impl == "ours":
         from codegemma.checkpoint import load_model
@@ -123,7 +129,7 @@ def worker(impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: s
 
     run(2)  # warm-up
     t1 = min(_time(lambda: run(1)) for _ in range(2))
-    tn = _time(lambda: run(new_tokens))
+    tn = min(_time(lambda: run(new_tokens)) for _ in range(repeats))
     return {
         "prefill_tok_s": prompt_len / t1,
         "decode_tok_s": (new_tokens - 1) / max(tn - t1, 1e-9),
@@ -145,6 +151,8 @@ def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
         str(args.new_tokens),
         "--dtype",
         dtype,
+        "--repeats",
+        str(args.repeats),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,33 +166,33 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "transformers"])
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations; best is kept")
     args = parser.parse_args()
     if args.worker:
-        print(
-            json.dumps(
-                worker(args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype)
-            )
+        result = worker(
+            args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats
         )
+        print(json.dumps(result))
         return
 
+    from codegemma import kernels
     from codegemma.config import ModelConfig
 
-    bandwidth = memory_bandwidth_gbs()
     print(
-        f"# machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"measured memory bandwidth {bandwidth:.1f} GB/s"
+        f"# machine: {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, codegemma kernels: {kernels.isa() or 'off'}"
     )
-    print(
-        f"# one decode-shaped matmul streams bf16 weights at "
-        f"{gemv_bandwidth_gbs(torch.bfloat16):.1f} GB/s, fp32 at "
-        f"{gemv_bandwidth_gbs(torch.float32):.1f} GB/s"
-    )
+    for dtype in (torch.bfloat16, torch.float32):
+        line = f"# one decode-shaped {str(dtype)[6:]} matmul streams F.linear {gemv_bandwidth_gbs(dtype):.1f} GB/s"
+        if kernels.isa():
+            line += f", codegemma kernel {gemv_bandwidth_gbs(dtype, kernels.gemv):.1f} GB/s"
+        print(line)
     print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1\n")
     print(
         "| config | dtype | impl | prefill tok/s | decode tok/s | decode vs transformers | "
-        "bandwidth limit tok/s | % of limit | peak RSS GiB |"
+        "memory GB/s | bandwidth limit tok/s | % of limit | peak RSS GiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
@@ -193,17 +201,17 @@ def main() -> None:
             bytes_per_token = (
                 config.num_parameters * torch.finfo(getattr(torch, spec["dtype"])).bits / 8
             )
-            limit = bandwidth * 1e9 / bytes_per_token
-            rows = {
-                impl: run_worker(impl, model_dir, args, spec["dtype"])
-                for impl in ("transformers", "ours")
-            }
+            rows = {}
+            for impl in ("transformers", "ours"):
+                bandwidth = memory_bandwidth_gbs()  # now, as the machine is for this worker
+                rows[impl] = dict(run_worker(impl, model_dir, args, spec["dtype"]), gbs=bandwidth)
         anchor = rows["transformers"]["decode_tok_s"]
         for impl, r in rows.items():
+            limit = r["gbs"] * 1e9 / bytes_per_token
             print(
-                f"| {name} | {spec['dtype']} | {impl} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-                f"{r['decode_tok_s'] / anchor:.2f}x | {limit:.2f} | {100 * r['decode_tok_s'] / limit:.0f}% | "
-                f"{r['peak_rss_gib']:.2f} |"
+                f"| {name} | {spec['dtype']} | {impl} | {r['prefill_tok_s']:.1f} | "
+                f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / anchor:.2f}x | {r['gbs']:.1f} | "
+                f"{limit:.2f} | {r['decode_tok_s'] / limit:.0%} | {r['peak_rss_gib']:.2f} |"
             )
 
 

@@ -15,17 +15,24 @@ Each row of a batch carries its own positions, so prompts of different lengths a
 decoded side by side, and a server can put unrelated requests in different rows (slots): a query at
 position p attends to cache entries 0..p of its own row only, and padding written beyond a row's end
 is overwritten before it is ever attended to.
+
+Linear layers are `kernels.Linear` (an nn.Linear): decode-shaped matmuls on CPU go through a kernel
+that streams the weights at memory speed; everything else is F.linear.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codegemma import kernels
 from codegemma.config import ModelConfig
+from codegemma.kernels import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -35,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # stored raw; the scale is (1 + weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if lib := kernels.usable(x, self.weight):  # inference on CPU: the same math, one pass
+            return kernels.rms_norm(lib, x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
@@ -86,21 +95,23 @@ class LayerCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: Tensor | slice, positions: Tensor, k: Tensor, v: Tensor, kv_len: int):
-        """Write k/v [B, Hkv, T, D] at (rows, positions [B, T]); return keys/values [B, Hkv, kv_len, D].
-
-        `rows` as a slice (contiguous slots, the decode case) reads the cache as a view; a tensor of
-        row ids (scattered slots, the prefill case) gathers a copy of just those rows."""
-        if isinstance(rows, slice):
-            k_rows, v_rows = self.k[rows], self.v[rows]
-            r = torch.arange(k.shape[0], device=k.device)[:, None]
+    def update(self, at: CacheIndex, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, Hkv, T, D] at (at.rows, at.positions); return the keys/values
+        [B, Hkv, at.kv_len, D] those rows attend to."""
+        rows, positions, start = at.rows, at.positions, at.start
+        if start is not None:
+            span = slice(start, start + k.shape[2])
+            self.k[rows, :, span] = k
+            self.v[rows, :, span] = v
         else:
-            k_rows, v_rows, r = self.k, self.v, rows[:, None]
-        k_rows[r, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        v_rows[r, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        if isinstance(rows, slice):
-            return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
-        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
+            if isinstance(rows, slice):
+                k_rows, v_rows = self.k[rows], self.v[rows]
+                r = torch.arange(k.shape[0], device=k.device)[:, None]
+            else:
+                k_rows, v_rows, r = self.k, self.v, rows[:, None]
+            k_rows[r, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            v_rows[r, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[rows, :, : at.kv_len], self.v[rows, :, : at.kv_len]
 
 
 class KVCache(nn.Module):
@@ -129,22 +140,38 @@ class KVCache(nn.Module):
         )
 
 
-def cache_mask(input_pos: Tensor) -> tuple[Tensor | None, int]:
+@dataclass(frozen=True)
+class CacheIndex:
+    """Where one forward writes into the KV cache, and what its queries read back.
+
+    rows: cache rows, a slice of contiguous slots (decode: the cache is read as a view) or a [B]
+    tensor of row ids (prefill into scattered slots: those rows are gathered); positions [B, T];
+    kv_len: keys 0..kv_len-1 are read; start: set when every row writes positions
+    start..start+T-1, so the write is a slice copy instead of a scatter."""
+
+    rows: Tensor | slice
+    positions: Tensor
+    kv_len: int
+    start: int | None
+
+
+def cache_mask(input_pos: Tensor, rows: Tensor | slice) -> tuple[Tensor | None, CacheIndex]:
     """Which cache entries each query sees: keys 0..p of its own row for a query at position p.
 
-    Returns (mask [B, 1, T, kv_len] or None, kv_len). None when no mask is needed: every row
-    decoding at the same position (all kv_len keys visible), or a prefill from position 0 in
-    every row (plain causal attention)."""
+    Returns (mask [B, 1, T, kv_len] or None, the CacheIndex). The mask is None when none is
+    needed: every row decoding at the same position (all kv_len keys visible), or a prefill from
+    position 0 in every row (plain causal attention)."""
     B, T = input_pos.shape
-    lo, hi = int(input_pos.min()), int(input_pos.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_pos))
     if T == 1 and lo == hi:
-        return None, hi + 1
+        return None, CacheIndex(rows, input_pos, hi + 1, lo)
     if hi == T - 1 and torch.equal(
         input_pos, torch.arange(T, device=input_pos.device).expand(B, T)
     ):
-        return None, T
+        return None, CacheIndex(rows, input_pos, T, 0)
     keys = torch.arange(hi + 1, device=input_pos.device)
-    return keys[None, None, None, :] <= input_pos[:, None, :, None], hi + 1
+    mask = keys[None, None, None, :] <= input_pos[:, None, :, None]
+    return mask, CacheIndex(rows, input_pos, hi + 1, None)
 
 
 class Attention(nn.Module):
@@ -153,10 +180,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         d, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d, q, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.o_proj = nn.Linear(q, d, bias=False)
+        self.q_proj = Linear(d, q, bias=False)
+        self.k_proj = Linear(d, kv, bias=False)
+        self.v_proj = Linear(d, kv, bias=False)
+        self.o_proj = Linear(q, d, bias=False)
 
     def forward(
         self,
@@ -165,17 +192,20 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         cache: LayerCache | None,
-        rows: Tensor | slice | None,
-        positions: Tensor,
-        kv_len: int,
+        at: CacheIndex | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if lib := kernels.usable(q, k, cos, sin):  # inference on CPU: the same math, in place
+            q = kernels.rotary_(lib, q, cos, sin).transpose(1, 2)  # [B, H, T, D]
+            k = kernels.rotary_(lib, k, cos, sin).transpose(1, 2)
+        else:
+            q = apply_rotary(q.transpose(1, 2), cos, sin)
+            k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is not None:
-            k, v = cache.update(rows, positions, k, v, kv_len)  # [B, Hkv, kv_len, D]
+            k, v = cache.update(at, k, v)  # [B, Hkv, kv_len, D]
         y = attend(q, k, v, mask, causal=cache is None or mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -202,9 +232,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -231,6 +261,13 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@functools.cache
+def embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """sqrt(hidden) rounded to the weight dtype first, exactly as transformers does (bf16 sqrt(3072)
+    = 55.5); a Python float of that value multiplies the same as the 0-d tensor would."""
+    return torch.tensor(hidden_size**0.5, dtype=dtype).item()
+
+
 class GemmaForCausalLM(nn.Module):
     """Gemma decoder. `model(input_ids)` -> logits [B, T, vocab] in the weights' dtype."""
 
@@ -242,7 +279,7 @@ class GemmaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.gradient_checkpointing = False
 
@@ -267,32 +304,22 @@ class GemmaForCausalLM(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.embed(input_ids)
         cos, sin = self.rotary(input_pos, h.dtype)
-        mask, kv_len = None, T
+        mask, at = None, None
         if cache is not None:
-            rows = slice(0, B) if rows is None else rows
-            mask, kv_len = cache_mask(input_pos)
+            mask, at = cache_mask(input_pos, slice(0, B) if rows is None else rows)
         for i, layer in enumerate(self.model.layers):
-            args = (
-                cos,
-                sin,
-                mask,
-                None if cache is None else cache.layers[i],
-                rows,
-                input_pos,
-                kv_len,
-            )
+            args = (cos, sin, mask, None if cache is None else cache.layers[i], at)
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, *args, use_reentrant=False)
             else:
                 h = layer(h, *args)
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index][:, None]  # [B, 1, D]
-        return F.linear(self.model.norm(h), self.output_embedding)
+        return linear(self.model.norm(h), self.output_embedding)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         w = self.model.embed_tokens.weight
-        # the normalizer is rounded to the weight dtype first, exactly as transformers does
-        return F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+        return F.embedding(input_ids, w) * embedding_scale(self.config.hidden_size, w.dtype)
 
     # -- construction helpers (used by checkpoint.py and train/) ---------------------------
     def reset_buffers(self, device: torch.device | str | None = None) -> None:

@@ -1,0 +1,235 @@
+"""The CPU decode kernels: same results as torch's ops, used only where they may be, and a model
+that decodes the same with them as without them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codegemma import kernels
+from codegemma.config import ModelConfig
+from codegemma.engine import Engine, SamplingParams
+from codegemma.model import GemmaForCausalLM, RMSNorm, apply_rotary
+
+needs_kernels = pytest.mark.skipif(
+    kernels.library() is None, reason="kernels unavailable here (no C compiler or not x86-64)"
+)
+BF16_EPS = 2.0**-8  # bf16 has 8 bits of precision: round-to-nearest is within half of 2^-7
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), w.double())
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, kernels.MAX_ROWS),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),  # not multiples of the vector width: the tails are exercised
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_fp32_matches_linear(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    y = kernels.gemv(x, w)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, kernels.MAX_ROWS),
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_bf16_is_one_rounding_of_the_exact_product(m, n, k, seed):
+    """fp32 accumulation rounded once to bf16, as torch's bf16 linear: within half a bf16 ulp of
+    the exact result (plus fp32 summation error), and at most one ulp from torch's answer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    y = kernels.gemv(x, w)
+    assert y.dtype == torch.bfloat16
+    exact = reference(x, w)
+    assert ((y.double() - exact).abs() <= BF16_EPS * exact.abs() + 1e-5 * k).all()
+    theirs = F.linear(x, w).double()
+    assert ((y.double() - theirs).abs() <= 2 * BF16_EPS * theirs.abs() + 1e-5 * k).all()
+
+
+@needs_kernels
+def test_gemv_keeps_leading_dims_and_handles_empty_and_strided_input():
+    x = torch.randn(2, 1, 40)[:, :, ::2]  # [2, 1, 20], not contiguous
+    w = torch.randn(7, 20)
+    torch.testing.assert_close(kernels.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert kernels.gemv(torch.randn(1, 0), torch.randn(3, 0)).eq(0).all()
+    assert kernels.gemv(torch.randn(1, 5), torch.randn(0, 5)).shape == (1, 0)
+
+
+@needs_kernels
+def test_gemv_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.gemv(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        kernels.gemv(torch.randn(1, 8).half(), torch.randn(4, 8).half())
+    with pytest.raises(ValueError, match=r"got \(1, 8\) and \(4, 9\)"):
+        kernels.gemv(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(ValueError, match=f"<= {kernels.MAX_ROWS} rows"):
+        kernels.gemv(torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8))
+
+
+def test_gemv_without_kernels_says_so(no_kernels):
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.gemv(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@needs_kernels
+def test_linear_takes_torch_where_the_kernel_must_not_run():
+    w = torch.randn(6, 8, requires_grad=True)
+    x = torch.randn(1, 8)
+    y = kernels.linear(x, w)  # autograd: torch's op, so the gradient flows
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        many = torch.randn(kernels.MAX_ROWS + 1, 8)  # prefill-sized: torch's GEMM
+        torch.testing.assert_close(kernels.linear(many, w), F.linear(many, w))
+        half = kernels.linear(x.half(), w.half())  # fp16: torch
+        assert half.dtype == torch.float16
+        b = torch.randn(6)
+        torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_usable_refuses_grad_subclasses_mixed_dtypes_and_strides():
+    x = torch.randn(2, 8)
+    assert kernels.usable(x.half()) is None
+    assert kernels.usable(x, x.bfloat16()) is None
+    assert kernels.usable(x.t()) is None  # not contiguous
+    assert kernels.usable(torch.randn(2, 8, requires_grad=True)) is None
+    with torch.no_grad():
+        p = torch.nn.Parameter(torch.randn(2, 8))
+        assert kernels.usable(p) is kernels.library()  # the grad is off: allowed if available
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_kernel_matches_the_torch_math(dtype, monkeypatch):
+    norm = RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    with torch.no_grad():
+        fused = norm(x)
+        monkeypatch.setattr(kernels, "library", lambda: None)
+        plain = norm(x)
+    assert fused.dtype == plain.dtype == dtype
+    if dtype == torch.float32:  # only the summation order of mean(x^2) differs
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    else:
+        assert (fused != plain).float().mean() < 0.01  # an ulp here and there
+        torch.testing.assert_close(fused, plain, rtol=2 * BF16_EPS, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_is_bit_identical_to_apply_rotary(dtype):
+    """Same operations in the same order with the same roundings: exactly equal."""
+    B, T, H, D = 2, 5, 3, 16
+    x = torch.randn(B, T, H, D).to(dtype)
+    angles = torch.rand(B, T, D // 2) * 50
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    expected = apply_rotary(x.transpose(1, 2), cos, sin)
+    lib = kernels.usable(x, cos, sin)
+    got = kernels.rotary_(lib, x.clone(), cos, sin).transpose(1, 2)
+    assert torch.equal(got, expected)
+
+
+def tiny_model(dtype: torch.dtype) -> GemmaForCausalLM:
+    config = ModelConfig.preset("tiny").replace(num_attention_heads=4, num_key_value_heads=1)
+    return GemmaForCausalLM(config).init_weights(std=0.3, seed=0).to(dtype).eval()
+
+
+@needs_kernels
+def test_model_logits_and_greedy_decoding_are_the_same_with_and_without_kernels(monkeypatch):
+    model = tiny_model(torch.float32)
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)
+    )
+    prompts = [ids[0].tolist(), ids[0, :7].tolist()]
+    params = SamplingParams(max_new_tokens=24)
+    with torch.no_grad():
+        cache = model.new_cache(1, 32)
+        model(ids[:, :-1], cache=cache)
+        step = model(ids[:, -1:], torch.tensor([[11]]), cache)  # a decode step: kernels
+    fused = Engine(model, max_batch_size=2).generate(prompts, params)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    with torch.no_grad():
+        full = model(ids)[:, -1:]  # no cache, all torch
+    plain = Engine(model, max_batch_size=2).generate(prompts, params)
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
+
+
+@needs_kernels
+def test_bf16_model_decoding_stays_within_bf16_error_of_fp32():
+    fp32, bf16 = tiny_model(torch.float32), tiny_model(torch.bfloat16)
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = []
+        for m in (fp32, bf16):
+            cache = m.new_cache(1, 16)
+            m(ids[:, :-1], cache=cache)
+            outs.append(m(ids[:, -1:], torch.tensor([[8]]), cache).float())
+    ref, got = outs
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_build_compiles_once_into_the_given_directory(tmp_path):
+    if kernels.library() is None:
+        pytest.skip("kernels unavailable here")
+    first = kernels.build(tmp_path)
+    assert first.exists() and first.parent.parent == tmp_path
+    mtime = first.stat().st_mtime_ns
+    assert kernels.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp files left
+
+
+def test_build_reports_a_missing_or_failing_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="compiling cpu.c with false failed"):
+        kernels.build(tmp_path)
+    assert not any(tmp_path.rglob("*.so")), "a failed build must leave nothing behind"
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        kernels.build(tmp_path)
+
+
+def test_kernels_off_by_environment_and_without_compiler_fall_back_quietly(tmp_path):
+    """In a fresh process: CODEGEMMA_KERNELS=0, or a broken compiler, leaves plain torch."""
+    code = (
+        "import torch; from codegemma import kernels, load; "
+        "x = torch.randn(1, 8); w = torch.randn(4, 8); "
+        "assert kernels.isa() is None; "
+        "assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w)); print('ok')"
+    )
+    for env in ({"CODEGEMMA_KERNELS": "0"}, {"CC": "false", "XDG_CACHE_HOME": str(tmp_path)}):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "ok"
