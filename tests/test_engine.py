@@ -77,6 +77,46 @@ def test_repetition_penalty_matches_transformers():
     assert ours[0].token_ids == out[0, len(prompt) :].tolist()
 
 
+def penalized_greedy_reference(model, prompt, n, presence, frequency) -> list[int]:
+    """OpenAI's penalties by their definition: full forward each step, counts of generated ids."""
+    ids, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            token = int((logits - presence * (counts > 0) - frequency * counts).argmax())
+            counts[token] += 1
+            ids.append(token)
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.7), (0.8, 0.4), (-2.0, 0.0)])
+def test_presence_and_frequency_penalties_follow_openai(presence, frequency):
+    model = tiny_model(seed=5)
+    prompt = prompts_of([6])[0]
+    params = SamplingParams(
+        max_new_tokens=32, presence_penalty=presence, frequency_penalty=frequency
+    )
+    ours = Engine(model, max_batch_size=2).generate([prompt, prompt[:3]], params)
+    assert ours[0].token_ids == penalized_greedy_reference(model, prompt, 32, presence, frequency)
+    assert ours[1].token_ids == penalized_greedy_reference(
+        model, prompt[:3], 32, presence, frequency
+    )
+    plain = Engine(model).generate([prompt], SamplingParams(max_new_tokens=32))[0].token_ids
+    distinct = len(set(ours[0].token_ids))
+    if presence > 0 or frequency > 0:  # the random model repeats itself; penalties spread it out
+        assert distinct > len(set(plain))
+    else:
+        assert distinct <= len(set(plain))
+
+
+def test_penalties_must_be_finite():
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            SamplingParams(**{name: float("nan")})
+    assert not SamplingParams(presence_penalty=0.1).plain
+    assert SamplingParams().plain
+
+
 def test_batched_prompts_of_different_lengths_equal_one_by_one():
     model = tiny_model()
     prompts = prompts_of([3, 20, 7, 12, 1, 30, 5])
@@ -274,10 +314,15 @@ def test_stop_text_releases_exactly_the_text_before_the_earliest_stop(pieces, st
     "params",
     [
         SamplingParams(max_new_tokens=4, temperature=1e-30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1e-46, seed=0),  # 0 in float32
+        SamplingParams(max_new_tokens=4, temperature=5e-324, seed=0),  # the least double
         SamplingParams(max_new_tokens=4, temperature=1e30, seed=0),
         SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=1e-30, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=5e-324, seed=0),
+        SamplingParams(max_new_tokens=4, repetition_penalty=5e-324),  # greedy, penalised
         SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=1e30, seed=0),
         SamplingParams(max_new_tokens=4, temperature=0.5, top_p=1e-9, top_k=1, seed=0),
+        SamplingParams(max_new_tokens=4, temperature=1e-300, presence_penalty=-2, seed=0),
     ],
 )
 def test_extreme_but_valid_sampling_parameters_do_not_break_sampling(params):
@@ -285,5 +330,5 @@ def test_extreme_but_valid_sampling_parameters_do_not_break_sampling(params):
     prompt = prompts_of([6])[0]
     (result,) = Engine(model).generate([prompt], params)
     assert len(result.token_ids) == 4
-    if params.temperature == 1e-30:  # vanishing temperature is greedy
-        assert result.token_ids == no_cache_greedy(model, prompt, 4)
+    if 0 < params.temperature < 1e-20 and params.presence_penalty == 0:
+        assert result.token_ids == no_cache_greedy(model, prompt, 4)  # vanishing temperature

@@ -61,7 +61,8 @@ class CodeGemma:
     ) -> str:
         """The middle between `prefix` and `suffix`. mode: auto | line | block; fim_mode: the
         prompt layout, psm (CodeGemma's documented one) or spm; options: max_new_tokens,
-        temperature, top_p, top_k, repetition_penalty, seed, stop (extra stop strings)."""
+        temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty,
+        seed, stop (extra stop strings)."""
         request = dict(
             prefix=prefix, suffix=suffix, path=path, files=files, mode=mode, fim_mode=fim_mode
         )

@@ -234,9 +234,18 @@ def test_api_key_guards_everything_but_health(serve):
         assert ok.status_code == 200
 
 
-def test_streaming_client_disconnect_frees_its_slot(serve, wait_idle):
+def pace(app, monkeypatch, seconds: float = 0.005) -> None:
+    """The tiny model decodes 400 tokens in a fraction of a second: pace its steps, so a request
+    is still running when the client's disconnect arrives, however fast the machine is."""
+    engine = app.state.server.scheduler.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(seconds) or step())
+
+
+def test_streaming_client_disconnect_frees_its_slot(serve, wait_idle, monkeypatch):
     with serve(max_tokens=400) as (url, app):
-        request = {"prompt": "def", "max_tokens": 400, "stream": True, "temperature": 0.7}
+        pace(app, monkeypatch)
+        request = {"prompt": "def", "max_tokens": 400, "stream": True, "temperature": 0}
         with (
             httpx.Client(base_url=url, timeout=30) as client,
             client.stream("POST", "/v1/completions", json=request) as r,
@@ -248,10 +257,11 @@ def test_streaming_client_disconnect_frees_its_slot(serve, wait_idle):
         assert metrics.generated_tokens.total() < 400
 
 
-def test_plain_request_client_disconnect_is_cancelled(serve, wait_idle):
+def test_plain_request_client_disconnect_is_cancelled(serve, wait_idle, monkeypatch):
     with serve(max_tokens=400) as (url, app):
+        pace(app, monkeypatch)
         host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({"prompt": "def", "max_tokens": 400, "temperature": 0.7}).encode()
+        body = json.dumps({"prompt": "def", "max_tokens": 400, "temperature": 0}).encode()
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

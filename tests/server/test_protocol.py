@@ -42,6 +42,24 @@ def test_sampling_params_from_a_request():
     )  # OpenAI's default
 
 
+def test_presence_and_frequency_penalties_reach_the_engine():
+    for req in (
+        protocol.CompletionRequest(prompt="x", presence_penalty=1.5, frequency_penalty=-0.5),
+        protocol.ChatCompletionRequest(
+            messages=[{"role": "user", "content": "x"}],
+            presence_penalty=1.5,
+            frequency_penalty=-0.5,
+        ),
+    ):
+        p = req.to_sampling_params(max_new_tokens=1, stop_token_ids=frozenset())
+        assert (p.presence_penalty, p.frequency_penalty) == (1.5, -0.5)
+    infill = protocol.InfillRequest(presence_penalty=1.5, frequency_penalty=-0.5)
+    p = infill.to_sampling_params(max_new_tokens=1, stop_token_ids=frozenset(), stop_strings=())
+    assert (p.presence_penalty, p.frequency_penalty) == (1.5, -0.5)
+    with pytest.raises(ValidationError):
+        protocol.CompletionRequest(prompt="x", presence_penalty=2.5)  # OpenAI's range is [-2, 2]
+
+
 def test_prompt_forms():
     assert protocol.CompletionRequest(prompt="a").prompts() == ["a"]
     assert protocol.CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from codegemma.engine.sampling import (
     SamplingParams,
+    apply_presence_frequency,
     apply_repetition_penalty,
     make_generator,
     sample_row,
@@ -66,6 +67,7 @@ class _Sequence:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
+    counts: torch.Tensor | None = None  # [V] float, generated tokens, for presence/frequency
 
     @property
     def position(self) -> int:  # where the next fed token goes in the cache
@@ -205,7 +207,7 @@ class Engine:
     def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Next token for each of seqs from logits [len(seqs), V]; plain greedy rows are chosen
         together (one argmax, one device sync), the others row by row with their own RNG."""
-        plain = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs]
+        plain = [s.params.plain for s in seqs]
         greedy = logits.argmax(-1).tolist() if any(plain) else []
         tokens = [greedy[i] if plain[i] else self._sample(s, logits[i]) for i, s in enumerate(seqs)]
         return [self._advance(s, t) for s, t in zip(seqs, tokens, strict=True)]
@@ -217,6 +219,14 @@ class Engine:
                 seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(seq.prompt, device=logits.device)] = True
             logits = apply_repetition_penalty(logits, seq.seen, seq.params.repetition_penalty)
+        if seq.params.presence_penalty or seq.params.frequency_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
+                for token in seq.generated:
+                    seq.counts[token] += 1
+            logits = apply_presence_frequency(
+                logits, seq.counts, seq.params.presence_penalty, seq.params.frequency_penalty
+            )
         return sample_row(logits, seq.params, seq.generator)
 
     def _advance(self, seq: _Sequence, token: int) -> Event:
@@ -226,6 +236,8 @@ class Engine:
         seq.generated.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
+        if seq.counts is not None:
+            seq.counts[token] += 1
         if token in seq.params.stop_token_ids:
             return self._finish(seq, seq.text.finish(), token, "stop", stop=token)
         delta, matched = seq.text.push(token)

@@ -3,11 +3,15 @@
 One `SamplingParams` per request, so a batch can mix greedy and sampled rows. Sampling draws from
 the request's own `torch.Generator`: a seeded request gives the same tokens whatever else shares
 its batch. Repetition penalty is CTRL's (as in transformers): seen tokens' positive logits are
-divided by the penalty, negative ones multiplied.
+divided by the penalty, negative ones multiplied; it counts the prompt too. Presence and frequency
+penalties are OpenAI's: a token's logit drops by presence_penalty once it has been generated, and
+by frequency_penalty for each time it has been generated (the generated tokens only, as OpenAI and
+vLLM count them); negative values encourage repeats.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +25,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
     seed: int | None = None
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     stop_strings: tuple[str, ...] = ()
@@ -36,6 +42,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop_token_ids", frozenset(self.stop_token_ids))
@@ -44,6 +53,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with no penalty: the next token is the argmax of the raw logits."""
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -63,6 +82,13 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return torch.where(seen, penalized, logits)
 
 
+def apply_presence_frequency(
+    logits: Tensor, counts: Tensor, presence: float, frequency: float
+) -> Tensor:
+    """OpenAI's penalties: logits [V] float, counts [V] of each token in the generated text."""
+    return logits - presence * (counts > 0) - frequency * counts
+
+
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     """Mask (to -inf) everything outside the top-k and the top-p nucleus. logits [V] float."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -79,15 +105,15 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One next token from logits [V] (float32). Valid but extreme parameters (a temperature of
-    1e-30, a huge repetition penalty) must not overflow: the best logit is moved to 0 before
-    scaling, so it stays finite and keeps the probability mass."""
-    if params.greedy:
-        return int(logits.argmax())
-    finite = torch.finfo(logits.dtype).max
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=finite, neginf=float("-inf"))
+    """One next token from logits [V]. Valid but extreme parameters must not break it: the math is
+    done in float64 (a temperature of 1e-300 is 0 in float32, and x / 0 is NaN), NaN logits count
+    as impossible, +inf ones as certain, and the best logit is moved to 0 before scaling, so it
+    stays finite and keeps the probability mass."""
+    logits = torch.nan_to_num(logits.double(), nan=float("-inf"), neginf=float("-inf"))
     if not torch.isfinite(logits).any():
         raise ValueError("the model produced no finite logit (all NaN or -inf): check the weights")
+    if params.greedy:
+        return int(logits.argmax())
     logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

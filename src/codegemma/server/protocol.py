@@ -121,6 +121,8 @@ class _OpenAIRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=None if seed is None else (seed + seed_offset) % UINT64,
             stop_token_ids=stop_token_ids,
             stop_strings=tuple(stop_strings),
@@ -144,12 +146,12 @@ class CompletionRequest(_OpenAIRequest):
     prompt: Prompt = Field(..., description="text, a list of texts, token ids, or lists of ids")
     best_of: int | None = Field(None, ge=1, description="only 1 or equal to n is accepted")
     echo: bool = False
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="per generated repeat")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     logprobs: None = Field(None, description="not supported: must be null")
     max_tokens: int | None = Field(None, ge=0, description="default 16")
     n: int = Field(1, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="once generated")
     seed: int | None = None
     stop: Text | list[Text] | None = None
     stream: bool = False
@@ -216,13 +218,13 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = Field(None, description="the served model id; optional")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="per generated repeat")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     logprobs: Literal[False] | None = Field(None, description="not supported")
     max_completion_tokens: int | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias")
     n: int = Field(1, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted, not applied")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="once generated")
     response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: Text | list[Text] | None = None
@@ -281,6 +283,8 @@ class InfillRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int = Field(-1, ge=-1, lt=UINT64, description="-1 = random")
     stop: list[Text] = Field(default_factory=list)
     stream: bool = False
@@ -300,6 +304,8 @@ class InfillRequest(BaseModel):
             top_k=self.top_k,
             top_p=self.top_p,
             repetition_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=None if self.seed < 0 else self.seed,
             stop_token_ids=stop_token_ids,
             stop_strings=tuple(stop_strings),
