@@ -70,6 +70,22 @@ def test_gemv_bf16_is_one_rounding_of_the_exact_product(m, n, k, seed):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_long_rows_like_7b_down_proj(dtype):
+    """K = 24576 (7B's intermediate size) + a tail: rows longer than L1, every activation row."""
+    g = torch.Generator().manual_seed(0)
+    k = 24576 + 5
+    x, w = torch.randn(kernels.MAX_ROWS, k, generator=g), torch.randn(9, k, generator=g)
+    x, w = x.to(dtype), w.to(dtype)
+    exact = reference(x, w)
+    err = (kernels.gemv(x, w).double() - exact).abs()
+    if dtype == torch.float32:
+        assert err.max() < 1e-3
+    else:
+        assert (err <= BF16_EPS * exact.abs() + 1e-3).all()
+
+
+@needs_kernels
 def test_gemv_keeps_leading_dims_and_handles_empty_and_strided_input():
     x = torch.randn(2, 1, 40)[:, :, ::2]  # [2, 1, 20], not contiguous
     w = torch.randn(7, 20)
@@ -125,12 +141,13 @@ def test_usable_refuses_grad_subclasses_mixed_dtypes_and_strides():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_kernel_matches_the_torch_math(dtype, monkeypatch):
-    norm = RMSNorm(96, 1e-6)
+@pytest.mark.parametrize("shape", [(3, 5, 96), (2, 300, 256)])  # one thread; OpenMP
+def test_rmsnorm_kernel_matches_the_torch_math(dtype, shape, monkeypatch):
+    norm = RMSNorm(shape[-1], 1e-6)
     with torch.no_grad():
         norm.weight.normal_(0, 0.5)
     norm = norm.to(dtype)
-    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    x = (torch.randn(shape) * 4).to(dtype)
     with torch.no_grad():
         fused = norm(x)
         monkeypatch.setattr(kernels, "library", lambda: None)
@@ -145,9 +162,10 @@ def test_rmsnorm_kernel_matches_the_torch_math(dtype, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_kernel_is_bit_identical_to_apply_rotary(dtype):
+@pytest.mark.parametrize("shape", [(2, 5, 3, 16), (2, 128, 4, 64)])  # one thread; OpenMP
+def test_rotary_kernel_is_bit_identical_to_apply_rotary(dtype, shape):
     """Same operations in the same order with the same roundings: exactly equal."""
-    B, T, H, D = 2, 5, 3, 16
+    B, T, H, D = shape
     x = torch.randn(B, T, H, D).to(dtype)
     angles = torch.rand(B, T, D // 2) * 50
     emb = torch.cat((angles, angles), -1)

@@ -39,6 +39,7 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-
 ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512-bf16"}
 _DTYPES = (torch.float32, torch.bfloat16)
 _PLAIN = (Tensor, nn.Parameter)
+_threads = torch.get_num_threads  # torch's intra-op setting, passed to every OpenMP region
 
 
 def cache_dir() -> Path:
@@ -94,7 +95,7 @@ class _Library:
         signatures = {
             "gemv": [ptr, ptr, ptr, i64, i64, i64, i32],  # x, w, y, M, N, K, threads
             "rmsnorm": [ptr, ptr, ptr, i64, i64, f32, i32],  # x, w, y, rows, dim, eps, threads
-            "rotary": [ptr, ptr, ptr, i64, i64, i64],  # x, cos, sin, rows, heads, dim
+            "rotary": [ptr, ptr, ptr, i64, i64, i64, i32],  # x, cos, sin, rows, heads, dim, thr.
         }
         self.fns: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
         for op, argtypes in signatures.items():
@@ -109,7 +110,7 @@ class _Library:
 
 @functools.cache
 def library() -> _Library | None:
-    """The compiled kernels, or None where they are off or unavailable (then F.linear is used)."""
+    """The compiled kernels, or None where they are off or unavailable (then torch's ops run)."""
     if os.environ.get("CODEGEMMA_KERNELS", "1") == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -123,9 +124,6 @@ def library() -> _Library | None:
         log.info("this CPU has neither AVX2+FMA nor AVX-512: using torch's ops")
         return None
     return lib
-
-
-_threads = torch.get_num_threads
 
 
 def isa() -> str | None:
@@ -215,7 +213,9 @@ def rotary_(lib: _Library, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, T, H, D] (contiguous) in place by cos, sin [B, 1, T, D]; `lib` from
     `usable(x, cos, sin)`. Returns x."""
     B, T, H, D = x.shape
-    lib.fns["rotary"][x.dtype](x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, H, D)
+    lib.fns["rotary"][x.dtype](
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, H, D, _threads()
+    )
     return x
 
 

@@ -203,6 +203,7 @@ void codegemma_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, i
  * rounding of each torch op in the activation dtype (products, then their sum). */
 #define ROTARY_BODY(T, LOAD, ROUND, STORE)                                          \
     int64_t half = dim / 2;                                                         \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * heads * dim >= (1 << 16))") \
     for (int64_t i = 0; i < rows; i++) {                                            \
         const T *c = cos + i * dim, *s = sin + i * dim;                             \
         for (int64_t h = 0; h < heads; h++) {                                       \
@@ -220,11 +221,11 @@ void codegemma_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, i
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 void codegemma_rotary_f32(float *x, const float *cos, const float *sin, int64_t rows,
-                          int64_t heads, int64_t dim) {
+                          int64_t heads, int64_t dim, int threads) {
     ROTARY_BODY(float, ID, ID, ID)
 }
 
 void codegemma_rotary_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t rows,
-                           int64_t heads, int64_t dim) {
+                           int64_t heads, int64_t dim, int threads) {
     ROTARY_BODY(uint16_t, bf16_to_f32, round_bf16, f32_to_bf16)
 }
