@@ -98,13 +98,21 @@ def _decode_tail(tokenizer, ids: list[int], drop: int) -> str:
 
 
 def postprocess(text: str, request: CompletionRequest) -> str:
-    """The editor-ready middle from raw generated text."""
+    """The editor-ready middle from raw generated text: `truncate`, then nothing at all if only
+    whitespace is left."""
+    text = truncate(text, request)
+    return "" if not text.strip() else text
+
+
+def truncate(text: str, request: CompletionRequest) -> str:
+    """The rules that end a completion early: the first line only (single-line mode) or the
+    cursor's block, and no repeat of the suffix. A streaming server stops generating once one of
+    them has cut (serving.FimTracker)."""
     if request.single_line:
         text = text.split("\n", 1)[0]
     else:
         text = _limit_to_block(text, request.prefix)
-    text = _trim_suffix_repeat(text, request.suffix)
-    return "" if not text.strip() else text
+    return _trim_suffix_repeat(text, request.suffix)
 
 
 def _indent(line: str) -> int:

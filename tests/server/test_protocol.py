@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -100,6 +100,8 @@ lines = st.lists(
     raw=lines,
     cuts=st.lists(st.integers(0, 40), max_size=8),
 )
+# whitespace first, then code: the whitespace-only rule must not be taken for a final cut
+@example(prefix="x = ", suffix="", raw="\n\nx", cuts=[2])
 def test_streamed_fim_text_is_the_postprocessed_text(prefix, suffix, raw, cuts):
     """Released pieces, joined, equal postprocess(full raw text): the stream matches the
     non-streamed answer, also when the tracker stops the generation early."""

@@ -270,8 +270,9 @@ class FimTracker:
     def push(self, delta: str) -> str:
         self.raw += delta
         processed = completion.postprocess(self.raw, self.request)
-        end = len(processed)
-        # Rules that cut at a line boundary do so for good once the offending line is complete.
+        # Rules that cut at a line boundary do so for good once the offending line is complete
+        # (measured before the whitespace-only rule, which more text can still undo).
+        end = len(completion.truncate(self.raw, self.request))
         self.cut = (
             end < len(self.raw) and self.raw[end] == "\n" and self.raw.find("\n", end + 1) >= 0
         )
