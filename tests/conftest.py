@@ -7,15 +7,26 @@ kind. Both are trained once per session from the small built-in corpus below.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from tiny_corpus_texts import tiny_corpus
 
 from codegemma.tokenizer import Tokenizer
 from codegemma.train.tokenizer import train_sentencepiece, train_tokenizer
 
 TINY_VOCAB_SIZE = 512
+
+# In CI (the CI variable set, as CI services do) property tests draw the same examples every run,
+# so a landing is never refused by a new random find; local runs keep exploring and keep a
+# database of failures. HYPOTHESIS_PROFILE picks a profile explicitly.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("dev")
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 
 @pytest.fixture(scope="session")
