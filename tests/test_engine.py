@@ -332,3 +332,84 @@ def test_extreme_but_valid_sampling_parameters_do_not_break_sampling(params):
     assert len(result.token_ids) == 4
     if 0 < params.temperature < 1e-20 and params.presence_penalty == 0:
         assert result.token_ids == no_cache_greedy(model, prompt, 4)  # vanishing temperature
+
+
+# -- prefix caching ---------------------------------------------------------------------------
+def fresh_tokens(model, prompt, params) -> list[int]:
+    return Engine(model, prefix_cache=False).generate([prompt], params)[0].token_ids
+
+
+def test_prefix_cache_reuses_a_shared_prompt_and_keeps_the_answer():
+    model = tiny_model()
+    stem = prompts_of([40])[0]
+    params = SamplingParams(max_new_tokens=6)
+    engine = Engine(model, max_batch_size=2)
+    first = engine.generate([stem + [300, 301]], params)[0]
+    assert first.cached_tokens == 0
+    again = engine.generate([stem + [300, 301]], params)[0]  # the same prompt: all but the last
+    assert again.cached_tokens == len(stem) + 1 and again.token_ids == first.token_ids
+    edited = engine.generate([stem + [302, 303, 304]], params)[0]  # typed on: the stem is reused
+    assert edited.cached_tokens == len(stem)
+    assert edited.token_ids == fresh_tokens(model, stem + [302, 303, 304], params)
+    assert engine.prompt_tokens_cached == 2 * len(stem) + 1
+    assert engine.prompt_tokens_computed == (len(stem) + 2) + 1 + 3
+
+
+def test_free_rows_keep_their_cache_while_other_slots_decode():
+    """A decode step computes only active rows: a free row between them is not overwritten."""
+    model = tiny_model()
+    a, b, c = prompts_of([7, 9, 12], seed=4)
+    params = SamplingParams(max_new_tokens=5)
+    engine = Engine(model, max_batch_size=3)
+    engine.generate([a, b, c], params)  # rows 0, 1, 2 hold a, b, c (shortest first)
+    long = SamplingParams(max_new_tokens=20)
+    engine.generate([a + [400], c + [401]], long)  # rows 0 and 2 decode around b's row
+    result = engine.generate([b], params)[0]
+    assert result.cached_tokens == len(b) - 1
+    assert result.token_ids == fresh_tokens(model, b, params)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.integers(0, 3), st.lists(st.integers(108, 140), max_size=6), st.integers(1, 8)
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    batch=st.integers(1, 3),
+)
+def test_prefix_cached_generation_equals_fresh_generation(requests, batch):
+    """Rounds of requests that share stems (as an editor's keystrokes do), through one engine with
+    few slots, give every request the tokens a fresh engine gives it."""
+    model = tiny_model()
+    stems = prompts_of([5, 17, 30, 3], seed=7)
+    engine = Engine(model, max_batch_size=batch)
+    for start in range(0, len(requests), 2):  # two requests per round
+        round_ = requests[start : start + 2]
+        prompts = [stems[i] + tail for i, tail, _ in round_]
+        params = [SamplingParams(max_new_tokens=n) for _, _, n in round_]
+        results = engine.generate(prompts, params)
+        for prompt, p, r in zip(prompts, params, results, strict=True):
+            assert r.token_ids == fresh_tokens(model, prompt, p)
+
+
+def test_a_failed_step_forgets_what_the_rows_held(monkeypatch):
+    model = tiny_model()
+    (prompt,) = prompts_of([10], seed=9)
+    params = SamplingParams(max_new_tokens=8)
+    engine = Engine(model, max_batch_size=2)
+    engine.generate([prompt], params)
+    engine.submit(prompt, params, request_id="x")
+    engine.step()  # prefill (from the cache)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine.step()  # the decode fails half-way, as far as the engine can tell
+    monkeypatch.setattr(model, "forward", forward)
+    engine.cancel("x")
+    engine.step()
+    again = engine.generate([prompt], params)[0]
+    assert again.cached_tokens == 0  # nothing reused from a row a failed step touched
+    assert again.token_ids == fresh_tokens(model, prompt, params)

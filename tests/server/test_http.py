@@ -222,6 +222,27 @@ def test_health_models_and_metrics(http):
     assert 'codegemma_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
+def test_an_editor_retyping_reuses_the_prefix_cache(server_app, wait_idle):
+    """The same FIM request twice (a keystroke that changed nothing before the cursor): the second
+    prefill takes all but the last prompt token from a free slot's cache; the answer is the same."""
+    url, app = server_app
+    metrics = app.state.server.metrics
+    body = {
+        "prompt": "def area(r):\n    return ",
+        "suffix": "\n",
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    wait_idle(app)
+    before = metrics.cached_prompt_tokens.total()
+    first = httpx.post(url + "/v1/completions", json=body).json()
+    second = httpx.post(url + "/v1/completions", json=body).json()
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert metrics.cached_prompt_tokens.total() - before >= prompt_tokens - 1
+    assert "\ncodegemma_prompt_tokens_cached_total" in httpx.get(url + "/metrics").text
+
+
 def test_api_key_guards_everything_but_health(serve):
     with serve(api_key="k3y") as (url, _):
         assert httpx.get(url + "/health").status_code == 200

@@ -7,6 +7,12 @@ each row at its own position. A finished request frees its slot at once, so a lo
 holds up the others. `generate()` (offline batches, the evaluation) and `stream()` (one request)
 are loops over `step()`; the server drives `submit()/step()/cancel()` from its scheduler thread.
 
+Prefix caching: a freed slot keeps the keys and values of the tokens it held, and a new request
+goes to the free slot sharing the longest prefix with its prompt, so only the rest is prefilled.
+An editor sends one completion request per keystroke, each repeating the files and the text before
+the cursor: in SPM order (suffix first) the next request differs only in its last few tokens. The
+infilling benchmarks share each problem's prompt across its tasks the same way.
+
     engine = Engine(model, tokenizer, max_batch_size=8)
     results = engine.generate([ids_a, ids_b], SamplingParams(max_new_tokens=64))
 """
@@ -42,6 +48,7 @@ class GenerationResult:
     text: str  # decoded without special tokens, cut before a stop string
     finish_reason: str  # "stop" | "length" | "cancelled"
     stop: str | int | None = None  # the stop string or token id that ended it
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ class _Sequence:
     generator: torch.Generator | None
     max_new_tokens: int
     slot: int = -1
+    cached: int = 0  # leading prompt tokens already in the slot's cache (prefix caching)
+    cache_valid: bool = True  # False once a failed step may have half-written its row
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
     counts: torch.Tensor | None = None  # [V] float, generated tokens, for presence/frequency
@@ -83,6 +92,7 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         prefill_tokens: int = 8192,
+        prefix_cache: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -93,6 +103,9 @@ class Engine:
         self.cache: KVCache | None = None
         self._waiting: deque[_Sequence] = deque()
         self._slots: list[_Sequence | None] = [None] * max_batch_size
+        self.prefix_cache = prefix_cache
+        self._held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens in each row
+        self.prompt_tokens_computed = self.prompt_tokens_cached = 0
         self._cancel_requests: deque[Hashable] = deque()  # appended from any thread
         self._ids = itertools.count()
 
@@ -148,10 +161,17 @@ class Engine:
     def step(self) -> list[Event]:
         events = self._process_cancellations()
         free = [i for i, s in enumerate(self._slots) if s is None]
-        if self._waiting and free:
-            return events + self._prefill(free)
-        if self.num_active:
-            return events + self._decode()
+        try:
+            if self._waiting and free:
+                return events + self._prefill(free)
+            if self.num_active:
+                return events + self._decode()
+        except BaseException:  # a failed forward pass may have half-written any row it touched
+            self._held = [[] for _ in self._held]
+            for seq in self._slots:
+                if seq is not None:
+                    seq.cache_valid = False
+            raise
         return events
 
     def _process_cancellations(self) -> list[Event]:
@@ -171,38 +191,64 @@ class Engine:
 
     def _prefill(self, free: list[int]) -> list[Event]:
         batch: list[_Sequence] = []
-        while self._waiting and len(batch) < len(free):
-            longest = max([len(s.prompt) for s in batch] + [len(self._waiting[0].prompt)])
+        while self._waiting and free:
+            seq = self._waiting[0]
+            slot, cached = self._best_slot(seq.prompt, free)
+            longest = max([len(s.prompt) - s.cached for s in batch] + [len(seq.prompt) - cached])
             if batch and longest * (len(batch) + 1) > self.prefill_tokens:
                 break
-            seq = self._waiting.popleft()
-            seq.slot = free[len(batch)]
-            self._slots[seq.slot] = seq
+            self._waiting.popleft()
+            free.remove(slot)
+            seq.slot, seq.cached = slot, cached
+            self._slots[slot], self._held[slot] = seq, []
             batch.append(seq)
-        self._ensure_cache(max(len(s.prompt) + s.max_new_tokens for s in batch))
-        T = max(len(s.prompt) for s in batch)
+        # every row's real tokens, and room for its padding, must fit in the cache
+        self._ensure_cache(max(len(s.prompt) + max(s.max_new_tokens, 1) for s in batch))
+        T = max(len(s.prompt) - s.cached for s in batch)
         ids = torch.full((len(batch), T), self.model.config.pad_token_id, dtype=torch.long)
+        pos = torch.arange(T).repeat(len(batch), 1)
         for row, seq in enumerate(batch):
-            ids[row, : len(seq.prompt)] = torch.tensor(seq.prompt)
+            ids[row, : len(seq.prompt) - seq.cached] = torch.tensor(seq.prompt[seq.cached :])
+            pos[row] += seq.cached
+        # padding past a row's end is written at positions its own tokens overwrite before they
+        # are attended to; clamped, so a row resuming deep in its cache stays inside it
+        pos.clamp_(max=self.cache.max_seq_len - 1)
+        self.prompt_tokens_computed += sum(len(s.prompt) - s.cached for s in batch)
+        self.prompt_tokens_cached += sum(s.cached for s in batch)
         logits = self.model(
             ids.to(self.device),
-            torch.arange(T, device=self.device).expand(len(batch), T),
+            pos.to(self.device),
             self.cache,
             rows=torch.tensor([s.slot for s in batch], device=self.device),
-            logits_index=torch.tensor([len(s.prompt) - 1 for s in batch], device=self.device),
+            logits_index=torch.tensor(
+                [len(s.prompt) - s.cached - 1 for s in batch], device=self.device
+            ),
         )[:, 0]
         return self._advance_all(batch, logits)
 
+    def _best_slot(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with `prompt` (the lowest
+        slot on ties, so decode batches stay compact) and how many prompt tokens it saves: all
+        but the last at most, whose logits are needed."""
+        best, shared = free[0], 0
+        if self.prefix_cache:
+            for slot in free:
+                n = _common_prefix(self._held[slot], prompt)
+                if n > shared:
+                    best, shared = slot, n
+        return best, min(shared, len(prompt) - 1)
+
     def _decode(self) -> list[Event]:
         active = [s for s in self._slots if s is not None]
-        n = max(s.slot for s in active) + 1  # rows 0..n-1 as a view; idle rows compute harmlessly
-        ids = torch.full((n, 1), self.model.config.pad_token_id, dtype=torch.long)
-        pos = torch.zeros((n, 1), dtype=torch.long)
-        for seq in active:
-            ids[seq.slot, 0], pos[seq.slot, 0] = seq.generated[-1], seq.position
-        logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=slice(0, n))
-        rows = torch.tensor([seq.slot for seq in active], device=self.device)
-        return self._advance_all(active, logits[rows, 0])
+        slots = [s.slot for s in active]
+        ids = torch.tensor([[s.generated[-1]] for s in active])
+        pos = torch.tensor([[s.position] for s in active])
+        # Only active rows are computed and written: a free row keeps what it holds for the
+        # prefix cache. Slots 0..n-1 read the cache as a view; scattered ones gather their rows.
+        contiguous = slots[-1] == len(slots) - 1
+        rows = slice(0, len(slots)) if contiguous else torch.tensor(slots, device=self.device)
+        logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=rows)
+        return self._advance_all(active, logits[:, 0])
 
     def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Next token for each of seqs from logits [len(seqs), V]; plain greedy rows are chosen
@@ -257,8 +303,11 @@ class Engine:
     ) -> Event:
         if seq.slot >= 0:
             self._slots[seq.slot] = None
+            # what the row's cache now holds: the prompt and every generated token fed back
+            valid = seq.prompt + seq.generated[:-1] if seq.cache_valid else []
+            self._held[seq.slot] = valid
         result = GenerationResult(
-            seq.request_id, len(seq.prompt), seq.generated, seq.text.text, reason, stop
+            seq.request_id, len(seq.prompt), seq.generated, seq.text.text, reason, stop, seq.cached
         )
         return Event(seq.request_id, delta, token, result)
 
@@ -311,3 +360,11 @@ class Engine:
         finally:  # the consumer stopped early: free the slot
             self.cancel(request_id)
             self._process_cancellations()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

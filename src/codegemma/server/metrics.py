@@ -185,6 +185,10 @@ class ServerMetrics:
             "time from admission to the first generated token",
         )
         self.prompt_tokens = r.counter("codegemma_prompt_tokens_total", "prompt tokens admitted")
+        self.cached_prompt_tokens = r.counter(
+            "codegemma_prompt_tokens_cached_total",
+            "prompt tokens whose keys and values came from the prefix cache, not a prefill",
+        )
         self.generated_tokens = r.counter(
             "codegemma_generated_tokens_total", "tokens generated (stop tokens included)"
         )

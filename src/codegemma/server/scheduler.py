@@ -236,6 +236,7 @@ class Scheduler:
         for e in events:
             if e.finished:
                 self.metrics.sequences.inc(reason=e.result.finish_reason)
+                self.metrics.cached_prompt_tokens.inc(e.result.cached_tokens)
 
     def _finish_ids(self, request_ids: list[Hashable]) -> None:
         for request_id in request_ids:
