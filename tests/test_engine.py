@@ -353,6 +353,9 @@ def test_prefix_cache_reuses_a_shared_prompt_and_keeps_the_answer():
     assert edited.token_ids == fresh_tokens(model, stem + [302, 303, 304], params)
     assert engine.prompt_tokens_cached == 2 * len(stem) + 1
     assert engine.prompt_tokens_computed == (len(stem) + 2) + 1 + 3
+    short = Engine(model, max_batch_size=2)  # below min_cached_prefix (32): a plain prefill
+    short.generate([stem[:20] + [300]], params)
+    assert short.generate([stem[:20] + [301]], params)[0].cached_tokens == 0
 
 
 def test_free_rows_keep_their_cache_while_other_slots_decode():
@@ -360,7 +363,7 @@ def test_free_rows_keep_their_cache_while_other_slots_decode():
     model = tiny_model()
     a, b, c = prompts_of([7, 9, 12], seed=4)
     params = SamplingParams(max_new_tokens=5)
-    engine = Engine(model, max_batch_size=3)
+    engine = Engine(model, max_batch_size=3, min_cached_prefix=1)
     engine.generate([a, b, c], params)  # rows 0, 1, 2 hold a, b, c (shortest first)
     long = SamplingParams(max_new_tokens=20)
     engine.generate([a + [400], c + [401]], long)  # rows 0 and 2 decode around b's row
@@ -385,7 +388,7 @@ def test_prefix_cached_generation_equals_fresh_generation(requests, batch):
     few slots, give every request the tokens a fresh engine gives it."""
     model = tiny_model()
     stems = prompts_of([5, 17, 30, 3], seed=7)
-    engine = Engine(model, max_batch_size=batch)
+    engine = Engine(model, max_batch_size=batch, min_cached_prefix=1)
     for start in range(0, len(requests), 2):  # two requests per round
         round_ = requests[start : start + 2]
         prompts = [stems[i] + tail for i, tail, _ in round_]
@@ -399,7 +402,7 @@ def test_a_failed_step_forgets_what_the_rows_held(monkeypatch):
     model = tiny_model()
     (prompt,) = prompts_of([10], seed=9)
     params = SamplingParams(max_new_tokens=8)
-    engine = Engine(model, max_batch_size=2)
+    engine = Engine(model, max_batch_size=2, min_cached_prefix=1)
     engine.generate([prompt], params)
     engine.submit(prompt, params, request_id="x")
     engine.step()  # prefill (from the cache)

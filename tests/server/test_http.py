@@ -227,8 +227,9 @@ def test_an_editor_retyping_reuses_the_prefix_cache(server_app, wait_idle):
     prefill takes all but the last prompt token from a free slot's cache; the answer is the same."""
     url, app = server_app
     metrics = app.state.server.metrics
+    context = "import math\n\n\ndef circle(radius):\n    return math.pi * radius**2\n\n\n" * 3
     body = {
-        "prompt": "def area(r):\n    return ",
+        "prompt": context + "def area(r):\n    return ",  # long enough to be worth reusing
         "suffix": "\n",
         "max_tokens": 6,
         "temperature": 0,
@@ -241,6 +242,29 @@ def test_an_editor_retyping_reuses_the_prefix_cache(server_app, wait_idle):
     prompt_tokens = first["usage"]["prompt_tokens"]
     assert metrics.cached_prompt_tokens.total() - before >= prompt_tokens - 1
     assert "\ncodegemma_prompt_tokens_cached_total" in httpx.get(url + "/metrics").text
+
+
+def test_an_spm_server_builds_spm_prompts_and_reuses_nearly_all_of_them(serve, wait_idle):
+    """With --fim-mode spm the suffix leads the prompt, so the next keystroke's request (one more
+    character before the cursor) reuses everything up to the end of the old prefix."""
+    from codegemma import prompts
+
+    with serve(fim_mode="spm") as (url, app):
+        tok = app.state.server.scheduler.engine.tokenizer
+        context = "import math\n\n\ndef circle(radius):\n    return math.pi * radius**2\n\n\n" * 3
+        seen = []
+        engine = app.state.server.scheduler.engine
+        submit = engine.submit
+        engine.submit = lambda ids, *a, **k: seen.append(list(ids)) or submit(ids, *a, **k)
+        for typed in ("def area(r):\n    return m", "def area(r):\n    return ma"):
+            body = {"prompt": context + typed, "suffix": "\n\nprint(area(2))\n", "max_tokens": 4}
+            r = httpx.post(url + "/v1/completions", json={**body, "temperature": 0})
+            assert r.status_code == 200
+            wait_idle(app)
+        expected = prompts.fim_prompt(tok, context + typed, body["suffix"], mode="spm")
+        assert seen[-1] == expected
+        metrics = app.state.server.metrics
+        assert metrics.cached_prompt_tokens.total() >= len(seen[0]) - 8
 
 
 def test_api_key_guards_everything_but_health(serve):

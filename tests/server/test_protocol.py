@@ -148,3 +148,8 @@ def test_serve_command_defaults_to_loopback_and_reads_the_key_from_env(monkeypat
     assert s.api_key == "from-env" and s.served_model_name == "m"
     args = parser.parse_args(["serve", "--api-key", "flag", "--served-model-name", "cg"])
     assert settings_from_args(args, "m").api_key == "flag"
+    assert settings_from_args(args, "m").fim_mode == "psm"  # CodeGemma's documented layout
+    args = parser.parse_args(["serve", "--fim-mode", "spm"])
+    assert settings_from_args(args, "m").fim_mode == "spm"
+    with pytest.raises(ValueError, match="fim_mode must be psm or spm"):
+        ServerSettings(fim_mode="pms")

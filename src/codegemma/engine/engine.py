@@ -93,6 +93,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_tokens: int = 8192,
         prefix_cache: bool = True,
+        min_cached_prefix: int = 32,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -103,7 +104,9 @@ class Engine:
         self.cache: KVCache | None = None
         self._waiting: deque[_Sequence] = deque()
         self._slots: list[_Sequence | None] = [None] * max_batch_size
-        self.prefix_cache = prefix_cache
+        # A prefill that resumes mid-row needs an explicit attention mask instead of the causal
+        # kernel; below this many reusable tokens that costs more than it saves.
+        self.prefix_cache, self.min_cached_prefix = prefix_cache, min_cached_prefix
         self._held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens in each row
         self.prompt_tokens_computed = self.prompt_tokens_cached = 0
         self._cancel_requests: deque[Hashable] = deque()  # appended from any thread
@@ -236,7 +239,8 @@ class Engine:
                 n = _common_prefix(self._held[slot], prompt)
                 if n > shared:
                     best, shared = slot, n
-        return best, min(shared, len(prompt) - 1)
+        shared = min(shared, len(prompt) - 1)
+        return (best, shared) if shared >= self.min_cached_prefix else (free[0], 0)
 
     def _decode(self) -> list[Event]:
         active = [s for s in self._slots if s is not None]

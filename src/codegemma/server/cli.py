@@ -34,6 +34,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens allowed")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument(
+        "--fim-mode",
+        choices=["psm", "spm"],
+        default="psm",
+        help="FIM prompt layout; spm (suffix first) lets the prefix cache reuse nearly the whole "
+        "prompt from one keystroke to the next",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -46,6 +53,7 @@ def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSet
         max_tokens=args.max_tokens,
         max_n=args.max_n,
         max_body_bytes=args.max_body_bytes,
+        fim_mode=args.fim_mode,
     )
 
 

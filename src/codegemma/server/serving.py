@@ -174,7 +174,9 @@ def _completion_choice(
         if not isinstance(prompt, str):
             raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
         prefix, suffix = layout or (prompt, req.suffix or "")
-        fim = FimRequest(prefix=prefix, suffix=suffix, mode=req.completion_mode)
+        fim = FimRequest(
+            prefix=prefix, suffix=suffix, mode=req.completion_mode, fim_mode=ctx.settings.fim_mode
+        )
         ids = _fim_ids(ctx, fim, max_tokens, "max_tokens")
         stops = stops + (["\n"] if fim.single_line else [])
         params = SamplingParams(stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(stops))
@@ -231,6 +233,7 @@ def plan_infill(ctx: ServingContext, req: protocol.InfillRequest) -> Plan:
         prefix=req.input_prefix + req.prompt,
         suffix=req.input_suffix,
         files=tuple(ContextFile(path=c.filename, text=c.text) for c in req.input_extra),
+        fim_mode=ctx.settings.fim_mode,
     )
     ids = _fim_ids(ctx, fim, n_predict, "n_predict")
     if n_predict == 0:  # llama.vscode's cache warm-up: nothing to generate, nothing to cache

@@ -23,6 +23,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 8  # choices per request (n x number of prompts)
     retry_after_s: int = 1
+    fim_mode: str = "psm"  # FIM prompt layout: psm (CodeGemma's documented one) or spm
 
     def __post_init__(self) -> None:
         if not self.served_model_name.strip():
@@ -34,5 +35,7 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0 or self.retry_after_s < 0:
             raise ValueError("max_queue and retry_after_s must be >= 0")
+        if self.fim_mode not in ("psm", "spm"):
+            raise ValueError(f"fim_mode must be psm or spm, got {self.fim_mode!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
