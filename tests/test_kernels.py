@@ -34,7 +34,7 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @needs_kernels
 @settings(max_examples=60, deadline=None)
 @given(
-    m=st.integers(1, kernels.MAX_ROWS),
+    m=st.integers(1, kernels.MAX_ROWS[torch.float32]),
     n=st.integers(1, 70),
     k=st.integers(1, 300),  # not multiples of the vector width: the tails are exercised
     seed=st.integers(0, 2**16),
@@ -50,7 +50,7 @@ def test_gemv_fp32_matches_linear(m, n, k, seed):
 @needs_kernels
 @settings(max_examples=60, deadline=None)
 @given(
-    m=st.integers(1, kernels.MAX_ROWS),
+    m=st.integers(1, kernels.MAX_ROWS[torch.bfloat16]),
     n=st.integers(1, 70),
     k=st.integers(1, 300),
     seed=st.integers(0, 2**16),
@@ -75,7 +75,7 @@ def test_gemv_long_rows_like_7b_down_proj(dtype):
     """K = 24576 (7B's intermediate size) + a tail: rows longer than L1, every activation row."""
     g = torch.Generator().manual_seed(0)
     k = 24576 + 5
-    x, w = torch.randn(kernels.MAX_ROWS, k, generator=g), torch.randn(9, k, generator=g)
+    x, w = torch.randn(kernels.MAX_ROWS[dtype], k, generator=g), torch.randn(9, k, generator=g)
     x, w = x.to(dtype), w.to(dtype)
     exact = reference(x, w)
     err = (kernels.gemv(x, w).double() - exact).abs()
@@ -102,8 +102,9 @@ def test_gemv_rejects_what_it_cannot_do():
         kernels.gemv(torch.randn(1, 8).half(), torch.randn(4, 8).half())
     with pytest.raises(ValueError, match=r"got \(1, 8\) and \(4, 9\)"):
         kernels.gemv(torch.randn(1, 8), torch.randn(4, 9))
-    with pytest.raises(ValueError, match=f"<= {kernels.MAX_ROWS} rows"):
-        kernels.gemv(torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8))
+    for dtype, rows in kernels.MAX_ROWS.items():
+        with pytest.raises(ValueError, match=f"<= {rows} rows"):
+            kernels.gemv(torch.randn(rows + 1, 8).to(dtype), torch.randn(4, 8).to(dtype))
 
 
 def test_gemv_without_kernels_says_so(no_kernels):
@@ -120,7 +121,7 @@ def test_linear_takes_torch_where_the_kernel_must_not_run():
     y.sum().backward()
     assert w.grad is not None
     with torch.no_grad():
-        many = torch.randn(kernels.MAX_ROWS + 1, 8)  # prefill-sized: torch's GEMM
+        many = torch.randn(kernels.MAX_ROWS[torch.float32] + 1, 8)  # prefill-sized: torch's GEMM
         torch.testing.assert_close(kernels.linear(many, w), F.linear(many, w))
         half = kernels.linear(x.half(), w.half())  # fp16: torch
         assert half.dtype == torch.float16

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
-MAX_ROWS = 4  # activation rows per call; above this torch's GEMM is as fast (bench_gemv.py)
+# Activation rows per call, by dtype: above these torch's GEMM is as fast (bench_gemv.py --rows).
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512-bf16"}
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -154,7 +155,7 @@ def usable(*tensors: Tensor) -> _Library | None:
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., K] @ weight[N, K]^T with the kernel: CPU, fp32 or bf16 (both the same), at most
-    MAX_ROWS rows in x. Raises ValueError otherwise, or RuntimeError when kernels are off."""
+    MAX_ROWS[dtype] rows in x. Raises ValueError otherwise, or RuntimeError when kernels are off."""
     lib = library()
     if lib is None:
         raise RuntimeError("codegemma kernels are not available here; use F.linear")
@@ -167,10 +168,10 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
         or not weight.is_cpu
         or weight.dim() != 2
         or x.shape[-1] != weight.shape[1]
-        or x.numel() > MAX_ROWS * x.shape[-1]
+        or x.numel() > MAX_ROWS[x.dtype] * x.shape[-1]
     ):
         raise ValueError(
-            f"gemv takes CPU x [<= {MAX_ROWS} rows, K] and weight [N, K], "
+            f"gemv takes CPU x [<= {MAX_ROWS[x.dtype]} rows, K] and weight [N, K], "
             f"got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     return _gemv(lib, x.contiguous(), weight.contiguous())
@@ -192,7 +193,7 @@ def _gemv(lib: _Library, x: Tensor, weight: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through the kernel for few rows (decoding); F.linear itself otherwise."""
-    if x.numel() <= MAX_ROWS * x.shape[-1] and (lib := usable(x, weight)):
+    if x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1] and (lib := usable(x, weight)):
         y = _gemv(lib, x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

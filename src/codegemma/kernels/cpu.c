@@ -1,6 +1,6 @@
 /* CPU kernels for decoding: the decode-shaped matmul, and a layer's elementwise pieces fused.
  *
- * gemv: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m (M <= 4).
+ * gemv: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m (4 at a time).
  * Decoding multiplies one activation row per sequence by every weight matrix, so a step is bound by
  * how fast the weights stream from memory. torch's CPU GEMM reaches ~60% of the machine's read
  * bandwidth on these shapes (oneDNN/MKL are tuned for large M); this kernel streams each weight
@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MCHUNK 4 /* activation rows per pass over a weight row (the caller sends M <= 4) */
+#define MCHUNK 4 /* activation rows per pass over a weight row (more: one pass per 4, from L1) */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
