@@ -217,6 +217,39 @@ def test_bf16_model_decoding_stays_within_bf16_error_of_fp32():
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "flags, isa",
+    [(("-mno-avx512bf16",), 2), (("-mno-avx512f",), 1)],
+    ids=["avx512", "avx2"],
+)
+def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa):
+    """The variants other CPUs get, built and run here (this CPU runs the lower ISAs too)."""
+    if isa >= kernels.library().isa:
+        pytest.skip("this CPU builds that variant by default (tested above)")
+    lib = kernels._Library(kernels.build(tmp_path, extra_flags=flags))
+    assert lib.isa == isa
+    g = torch.Generator().manual_seed(isa)
+    for m, n, k in [(1, 1, 1), (3, 5, 17), (4, 33, 100), (16, 64, 256), (2, 7, 2053)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            if m > kernels.MAX_ROWS[dtype]:
+                continue
+            x, w = (
+                torch.randn(m, k, generator=g).to(dtype),
+                torch.randn(n, k, generator=g).to(dtype),
+            )
+            exact = reference(x, w)
+            err = (kernels._gemv(lib, x, w).double() - exact).abs()
+            eps = 1e-5 if dtype == torch.float32 else BF16_EPS
+            assert (err <= eps * exact.abs() + 1e-5 * k).all(), (isa, m, n, k, dtype)
+    x = torch.randn(2, 3, 4, 16, generator=g)
+    angles = torch.rand(2, 3, 8, generator=g) * 50
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    expected = apply_rotary(x.transpose(1, 2), cos, sin)
+    assert torch.equal(kernels.rotary_(lib, x.clone(), cos, sin).transpose(1, 2), expected)
+
+
 def test_build_compiles_once_into_the_given_directory(tmp_path):
     if kernels.library() is None:
         pytest.skip("kernels unavailable here")

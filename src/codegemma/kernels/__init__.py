@@ -58,15 +58,17 @@ def _cpu_key() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(directory: Path | None = None) -> Path:
+def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile cpu.c for this CPU (once; later calls find it) and return the library's path.
+    `extra_flags` (e.g. -mno-avx512f) build a lower instruction-set variant, for tests.
     Raises RuntimeError naming the compiler's complaint when it cannot be built."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc) for codegemma's kernels")
+    flags = (*CFLAGS, *extra_flags)
     key = hashlib.sha256(
         b"\0".join(
-            [SOURCE.read_bytes(), cc.encode(), " ".join(CFLAGS).encode(), _cpu_key().encode()]
+            [SOURCE.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_key().encode()]
         )
     ).hexdigest()[:16]
     out = (directory or cache_dir()) / key / "libcodegemma_cpu.so"
@@ -77,7 +79,7 @@ def build(directory: Path | None = None) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+            [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{proc.stderr[-2000:]}")
