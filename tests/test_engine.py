@@ -416,3 +416,17 @@ def test_a_failed_step_forgets_what_the_rows_held(monkeypatch):
     again = engine.generate([prompt], params)[0]
     assert again.cached_tokens == 0  # nothing reused from a row a failed step touched
     assert again.token_ids == fresh_tokens(model, prompt, params)
+
+
+@given(
+    a=st.lists(st.integers(0, 2), max_size=700),
+    tail=st.lists(st.integers(0, 2), max_size=600),
+    cut=st.integers(0, 700),
+)
+def test_common_prefix_length(a, tail, cut):
+    from codegemma.engine.engine import _common_prefix
+
+    b = a[:cut] + tail
+    n = min(len(a), len(b))
+    expected = next((i for i in range(n) if a[i] != b[i]), n)
+    assert _common_prefix(a, b) == expected == _common_prefix(b, a)
