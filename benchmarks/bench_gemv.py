@@ -8,6 +8,8 @@ second) and the ratio to F.linear, for M = 1 (one sequence) and more rows (batch
 
     python benchmarks/bench_gemv.py                       # small (fp32), 2b (bf16), M = 1, 4, 8, 16
     python benchmarks/bench_gemv.py --configs 2b --rows 1 2 4 8 16
+    python benchmarks/bench_gemv.py --shapes 2048x16384 16384x2048 --dtype bfloat16 --rows 1
+                                                          # single shapes (here 2B's down and up)
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def weights(name: str) -> tuple[list[torch.Tensor], torch.dtype]:
     return ws, dtype
 
 
+def shape_weights(shape: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Copies of one [N, K] matrix ("NxK"), enough to pass the last-level cache."""
+    n, k = (int(v) for v in shape.lower().split("x"))
+    copies = max(1, -(-MIN_BYTES // (n * k * dtype.itemsize)))
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, k, generator=g).to(dtype) for _ in range(copies)]
+
+
 def time_step(fn, ws: list[torch.Tensor], xs: dict[int, torch.Tensor], repeats: int) -> float:
     """Best seconds per pass over all of ws, divided by the number of passes' steps."""
     for w in ws:  # warm-up: page in, build the kernel
@@ -71,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small", "2b"], choices=sorted(CONFIGS))
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16])
+    parser.add_argument("--shapes", nargs="+", default=[], help="NxK matrices instead of configs")
+    parser.add_argument("--dtype", default="bfloat16", help="for --shapes")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if kernels.isa() is None:
@@ -81,8 +93,12 @@ def main() -> None:
         "memory GB/s | kernel % of memory |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name in args.configs:
-        ws, dtype = weights(name)
+    for name in args.shapes or args.configs:
+        if args.shapes:
+            dtype = getattr(torch, args.dtype)
+            ws = shape_weights(name, dtype)
+        else:
+            ws, dtype = weights(name)
         total = sum(w.numel() * w.element_size() for w in ws)
         for m in args.rows:
             xs = {k: torch.randn(m, k).to(dtype) for k in {w.shape[1] for w in ws}}
