@@ -80,175 +80,128 @@ static inline float vsum(__m256 a) {
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #endif
 
-/* One weight row (K values, read once, front to back: the access order the hardware prefetcher
- * follows best) against MB activation rows (MB <= MCHUNK, a compile-time constant at every call
- * site, so the loops below unroll into registers). */
+/* R weight rows (K values each, read once, front to back: the access order the hardware
+ * prefetcher follows best) against MB activation rows (MB <= MCHUNK). R is 1, or 2 for long rows
+ * (K > KLONG): each load of x then serves two rows, halving x's traffic, which for 32 KB and more
+ * no longer fits in L1 beside the weight streams and competes with them from L2. R and MB are
+ * compile-time constants at every call site, so the loops unroll into registers. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE void row_f32(const float *x, const float *w, float *y, int64_t K, int64_t N, int MB) {
-    vec acc[MCHUNK];
-    for (int m = 0; m < MB; m++) acc[m] = vzero();
-    int64_t k = 0;
-    for (; k + VLEN <= K; k += VLEN) {
-        vec wv = vload(w + k);
-        for (int m = 0; m < MB; m++) acc[m] = vfma(wv, vload(x + m * K + k), acc[m]);
-    }
-    for (int m = 0; m < MB; m++) {
-        float s = vsum(acc[m]);
-        for (int64_t t = k; t < K; t++) s += w[t] * x[m * K + t];
-        y[m * N] = s;
-    }
-}
-
-ALWAYS_INLINE void row_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t K, int64_t N,
+ALWAYS_INLINE void rows_f32(const float *x, const float *w, float *y, int64_t K, int64_t N, int R,
                             int MB) {
-#if ISA == 3
-    /* VDPBF16PS: 32 bf16 products per instruction, summed in pairs into 16 fp32 lanes */
-    __m512 acc[MCHUNK];
-    for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-        for (int m = 0; m < MB; m++)
-            acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
-    }
-#define BF16_SUM(a) _mm512_reduce_add_ps(a)
-#else
-    vec acc[MCHUNK];
-    for (int m = 0; m < MB; m++) acc[m] = vzero();
+    vec acc[2][MCHUNK];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m] = vzero();
     int64_t k = 0;
     for (; k + VLEN <= K; k += VLEN) {
-        vec wv = vload_bf16(w + k);
-        for (int m = 0; m < MB; m++) acc[m] = vfma(wv, vload_bf16(x + m * K + k), acc[m]);
-    }
-#define BF16_SUM(a) vsum(a)
-#endif
-    for (int m = 0; m < MB; m++) {
-        float s = BF16_SUM(acc[m]);
-        for (int64_t t = k; t < K; t++) s += bf16_to_f32(w[t]) * bf16_to_f32(x[m * K + t]);
-        y[m * N] = f32_to_bf16(s);
-    }
-#undef BF16_SUM
-}
-
-/* Two weight rows at once, for long rows (K > KLONG): each load of x then serves two rows, which
- * halves x's traffic; x (32 KB and more) no longer fits in L1 beside the weight streams, so that
- * traffic comes from L2 and competes with them. */
-ALWAYS_INLINE void row2_f32(const float *x, const float *w, float *y, int64_t K, int64_t N, int MB) {
-    vec a0[MCHUNK], a1[MCHUNK];
-    const float *w1 = w + K;
-    for (int m = 0; m < MB; m++) a0[m] = a1[m] = vzero();
-    int64_t k = 0;
-    for (; k + VLEN <= K; k += VLEN) {
-        vec v0 = vload(w + k), v1 = vload(w1 + k);
+        vec wv[2];
+        for (int r = 0; r < R; r++) wv[r] = vload(w + r * K + k);
         for (int m = 0; m < MB; m++) {
             vec xv = vload(x + m * K + k);
-            a0[m] = vfma(v0, xv, a0[m]);
-            a1[m] = vfma(v1, xv, a1[m]);
+            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
         }
     }
-    for (int m = 0; m < MB; m++) {
-        float s0 = vsum(a0[m]), s1 = vsum(a1[m]);
-        for (int64_t t = k; t < K; t++) {
-            s0 += w[t] * x[m * K + t];
-            s1 += w1[t] * x[m * K + t];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            float s = vsum(acc[r][m]);
+            for (int64_t t = k; t < K; t++) s += w[r * K + t] * x[m * K + t];
+            y[m * N + r] = s;
         }
-        y[m * N] = s0;
-        y[m * N + 1] = s1;
-    }
 }
 
-ALWAYS_INLINE void row2_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t K,
-                             int64_t N, int MB) {
-    const uint16_t *w1 = w + K;
+ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t K,
+                             int64_t N, int R, int MB) {
 #if ISA == 3
-    __m512 a0[MCHUNK], a1[MCHUNK];
-    for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    /* VDPBF16PS: 32 bf16 products per instruction, summed in pairs into 16 fp32 lanes */
+    __m512 acc[2][MCHUNK];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512bh v0 = (__m512bh)_mm512_loadu_si512(w + k), v1 = (__m512bh)_mm512_loadu_si512(w1 + k);
+        __m512bh wv[2];
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
         for (int m = 0; m < MB; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-            a0[m] = _mm512_dpbf16_ps(a0[m], v0, xv);
-            a1[m] = _mm512_dpbf16_ps(a1[m], v1, xv);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
         }
     }
 #define BF16_SUM(a) _mm512_reduce_add_ps(a)
 #else
-    vec a0[MCHUNK], a1[MCHUNK];
-    for (int m = 0; m < MB; m++) a0[m] = a1[m] = vzero();
+    vec acc[2][MCHUNK];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) acc[r][m] = vzero();
     int64_t k = 0;
     for (; k + VLEN <= K; k += VLEN) {
-        vec v0 = vload_bf16(w + k), v1 = vload_bf16(w1 + k);
+        vec wv[2];
+        for (int r = 0; r < R; r++) wv[r] = vload_bf16(w + r * K + k);
         for (int m = 0; m < MB; m++) {
             vec xv = vload_bf16(x + m * K + k);
-            a0[m] = vfma(v0, xv, a0[m]);
-            a1[m] = vfma(v1, xv, a1[m]);
+            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
         }
     }
 #define BF16_SUM(a) vsum(a)
 #endif
-    for (int m = 0; m < MB; m++) {
-        float s0 = BF16_SUM(a0[m]), s1 = BF16_SUM(a1[m]);
-        for (int64_t t = k; t < K; t++) {
-            float xt = bf16_to_f32(x[m * K + t]);
-            s0 += bf16_to_f32(w[t]) * xt;
-            s1 += bf16_to_f32(w1[t]) * xt;
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            float s = BF16_SUM(acc[r][m]);
+            for (int64_t t = k; t < K; t++)
+                s += bf16_to_f32(w[r * K + t]) * bf16_to_f32(x[m * K + t]);
+            y[m * N + r] = f32_to_bf16(s);
         }
-        y[m * N] = f32_to_bf16(s0);
-        y[m * N + 1] = f32_to_bf16(s1);
-    }
 #undef BF16_SUM
 }
 
-/* Expand MB into constant-argument calls so each row count is its own unrolled code. */
-#define DISPATCH(ROW, x, w, y, K, N, MB)          \
-    switch (MB) {                                 \
-        case 1: ROW(x, w, y, K, N, 1); break;     \
-        case 2: ROW(x, w, y, K, N, 2); break;     \
-        case 3: ROW(x, w, y, K, N, 3); break;     \
-        default: ROW(x, w, y, K, N, 4); break;    \
+/* Expand R and MB into constant-argument calls so each combination is its own unrolled code. */
+#define DISPATCH_MB(ROWS, x, w, y, K, N, R, MB)      \
+    switch (MB) {                                    \
+        case 1: ROWS(x, w, y, K, N, R, 1); break;    \
+        case 2: ROWS(x, w, y, K, N, R, 2); break;    \
+        case 3: ROWS(x, w, y, K, N, R, 3); break;    \
+        default: ROWS(x, w, y, K, N, R, 4); break;   \
+    }
+#define DISPATCH(ROWS, x, w, y, K, N, R, MB)                              \
+    if ((R) == 2) {                                                       \
+        DISPATCH_MB(ROWS, x, w, y, K, N, 2, MB)                           \
+    } else {                                                              \
+        DISPATCH_MB(ROWS, x, w, y, K, N, 1, MB)                           \
     }
 
 /* Below this many multiply-adds a call runs on one thread: waking the team costs more. */
 #define PARALLEL_MIN_MACS (1 << 17)
 
-/* Rows longer than this go two at a time (row2_*): measured faster on 2B's down_proj (K =
- * 16384), no better on rows that leave x room in L1. */
+/* Rows longer than this go two at a time (R = 2): measured faster on 2B's down_proj (K = 16384),
+ * no better on rows that leave x room in L1. */
 #define KLONG 8192
 
 /* Threads take contiguous ranges of weight rows (or row pairs; schedule static), each streamed
  * in order; an odd last row of a paired call goes alone. */
-#define GEMV_BODY(T, ROW, ROW2)                                                              \
+#define GEMV_BODY(ROWS)                                                                      \
     int parallel = threads > 1 && M * N * K >= PARALLEL_MIN_MACS;                            \
-    int64_t step = K > KLONG ? 2 : 1, groups = N / step;                                     \
+    int R = K > KLONG ? 2 : 1;                                                               \
+    int64_t groups = N / R;                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(parallel)")           \
     for (int64_t g = 0; g < groups; g++) {                                                   \
-        int64_t n = g * step;                                                                \
+        int64_t n = g * R;                                                                   \
         for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {                                         \
             int MB = M - m0 < MCHUNK ? (int)(M - m0) : MCHUNK;                               \
-            if (step == 2) {                                                                 \
-                DISPATCH(ROW2, x + m0 * K, w + n * K, y + m0 * N + n, K, N, MB)              \
-            } else {                                                                         \
-                DISPATCH(ROW, x + m0 * K, w + n * K, y + m0 * N + n, K, N, MB)               \
-            }                                                                                \
+            DISPATCH(ROWS, x + m0 * K, w + n * K, y + m0 * N + n, K, N, R, MB)               \
         }                                                                                    \
     }                                                                                        \
-    for (int64_t n = groups * step; n < N; n++) /* the odd row out */                       \
+    for (int64_t n = groups * R; n < N; n++) /* the odd row out */                          \
         for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {                                         \
             int MB = M - m0 < MCHUNK ? (int)(M - m0) : MCHUNK;                               \
-            DISPATCH(ROW, x + m0 * K, w + n * K, y + m0 * N + n, K, N, MB)                   \
+            DISPATCH(ROWS, x + m0 * K, w + n * K, y + m0 * N + n, K, N, 1, MB)               \
         }
 
 /* x [M, K], w [N, K], y [M, N]: contiguous, row-major. */
 void codegemma_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
                         int threads) {
-    GEMV_BODY(float, row_f32, row2_f32)
+    GEMV_BODY(rows_f32)
 }
 
 void codegemma_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N,
                          int64_t K, int threads) {
-    GEMV_BODY(uint16_t, row_bf16, row2_bf16)
+    GEMV_BODY(rows_bf16)
 }
 
 #endif
