@@ -87,20 +87,25 @@ static inline float vsum(__m256 a) {
  * compile-time constants at every call site, so the loops unroll into registers. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* The fp32 multiply-add loop over whole vectors, loading with LOAD (fp32, or bf16 widened):
+ * leaves acc[r][m] and k, the first column of the scalar tail. */
+#define FMA_ROWS(LOAD)                                                              \
+    vec acc[2][MCHUNK];                                                             \
+    for (int r = 0; r < R; r++)                                                     \
+        for (int m = 0; m < MB; m++) acc[r][m] = vzero();                           \
+    int64_t k = 0;                                                                  \
+    for (; k + VLEN <= K; k += VLEN) {                                              \
+        vec wv[2];                                                                  \
+        for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                    \
+        for (int m = 0; m < MB; m++) {                                              \
+            vec xv = LOAD(x + m * K + k);                                           \
+            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);     \
+        }                                                                           \
+    }
+
 ALWAYS_INLINE void rows_f32(const float *x, const float *w, float *y, int64_t K, int64_t N, int R,
                             int MB) {
-    vec acc[2][MCHUNK];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) acc[r][m] = vzero();
-    int64_t k = 0;
-    for (; k + VLEN <= K; k += VLEN) {
-        vec wv[2];
-        for (int r = 0; r < R; r++) wv[r] = vload(w + r * K + k);
-        for (int m = 0; m < MB; m++) {
-            vec xv = vload(x + m * K + k);
-            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
-        }
-    }
+    FMA_ROWS(vload)
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) {
             float s = vsum(acc[r][m]);
@@ -127,18 +132,7 @@ ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
     }
 #define BF16_SUM(a) _mm512_reduce_add_ps(a)
 #else
-    vec acc[2][MCHUNK];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) acc[r][m] = vzero();
-    int64_t k = 0;
-    for (; k + VLEN <= K; k += VLEN) {
-        vec wv[2];
-        for (int r = 0; r < R; r++) wv[r] = vload_bf16(w + r * K + k);
-        for (int m = 0; m < MB; m++) {
-            vec xv = vload_bf16(x + m * K + k);
-            for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
-        }
-    }
+    FMA_ROWS(vload_bf16)
 #define BF16_SUM(a) vsum(a)
 #endif
     for (int m = 0; m < MB; m++)
