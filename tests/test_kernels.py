@@ -286,3 +286,167 @@ def test_kernels_off_by_environment_and_without_compiler_fall_back_quietly(tmp_p
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "ok"
+
+
+# -- the whole decode step in one call (kernels.DecodeStep, used by GemmaForCausalLM) -------------
+def modules_only(monkeypatch) -> None:
+    """Decode through the torch modules (whose matmuls still use the kernels)."""
+    monkeypatch.setattr(GemmaForCausalLM, "_decode_step", lambda self, cache, batch: None)
+
+
+def random_cache(model: GemmaForCausalLM, rows: int, length: int, seed: int):
+    """A cache full of random keys and values (as if earlier tokens had been prefilled)."""
+    cache = model.new_cache(rows, length)
+    g = torch.Generator().manual_seed(seed)
+    for layer in cache.layers:
+        for buf in (layer.k, layer.v):
+            buf.copy_(torch.randn(buf.shape, generator=g))
+    return cache
+
+
+def decode_both(model, ids, pos, rows, cache_rows, cache_len, monkeypatch, seed=0):
+    """One decode step fused and through the modules, each on its own copy of the same cache:
+    (fused logits, module logits, fused cache, module cache, the untouched original)."""
+    caches = [random_cache(model, cache_rows, cache_len, seed) for _ in range(3)]
+    with torch.inference_mode():
+        fused = model(ids, pos, caches[0], rows=rows)
+        assert caches[0].__dict__.get("decode_step") is not None, "the fused step did not run"
+        with monkeypatch.context() as m:
+            modules_only(m)
+            plain = model(ids, pos, caches[1], rows=rows)
+    return fused, plain, *caches
+
+
+def assert_logits_close(fused, plain, dtype):
+    assert fused.shape == plain.shape and fused.dtype == plain.dtype == dtype
+    if dtype == torch.float32:  # the matmuls are the same kernel; attention's sums differ
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    else:  # a bf16 ulp in an attention output or gelu moves later roundings by an ulp or two
+        scale = plain.float().abs().max()
+        assert (fused.float() - plain.float()).abs().max() <= 8 * BF16_EPS * scale
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    heads=st.sampled_from([(4, 1), (4, 2), (2, 2), (6, 3)]),  # MQA, GQA, MHA
+    head_dim=st.sampled_from([6, 16, 40, 72]),  # tails shorter than a vector, and longer
+    batch=st.integers(1, 4),
+    spare_rows=st.integers(0, 3),
+    scattered=st.booleans(),
+    cache_len=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_step_matches_the_modules(
+    dtype, heads, head_dim, batch, spare_rows, scattered, cache_len, seed
+):
+    """Any rows of the cache (a slice, or scattered ids), each at its own position: the same
+    logits as the module path, the same keys/values written at exactly (row, position) of every
+    layer, and nothing else in the cache touched."""
+    config = ModelConfig.preset("tiny").replace(
+        num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim
+    )
+    model = GemmaForCausalLM(config).init_weights(std=0.3, seed=seed).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed)
+    cache_rows = batch + spare_rows
+    if scattered:
+        rows = torch.randperm(cache_rows, generator=g)[:batch]
+    else:
+        start = int(torch.randint(0, spare_rows + 1, (1,), generator=g))
+        rows = slice(start, start + batch)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), generator=g)
+    pos = torch.randint(0, cache_len, (batch, 1), generator=g)
+    with pytest.MonkeyPatch.context() as mp:
+        fused, plain, fused_cache, plain_cache, original = decode_both(
+            model, ids, pos, rows, cache_rows, cache_len, mp, seed
+        )
+    assert_logits_close(fused, plain, dtype)
+    row_ids = torch.arange(cache_rows)[rows] if isinstance(rows, slice) else rows
+    written = torch.zeros(cache_rows, cache_len, dtype=torch.bool)
+    written[row_ids, pos[:, 0]] = True
+    for i, (a, b, o) in enumerate(zip(fused_cache.layers, plain_cache.layers, original.layers)):
+        for got, expected, before in ((a.k, b.k, o.k), (a.v, b.v, o.v)):
+            mask = written[:, None, :, None].expand_as(got)
+            assert torch.equal(got[~mask], before[~mask]), f"layer {i}: wrote outside its slots"
+            if i == 0:  # same kernel, same input: the same bits
+                assert torch.equal(got[mask], expected[mask])
+            else:
+                assert_logits_close(got[mask], expected[mask], dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_decoding_is_the_same_fused_and_through_the_modules(dtype, monkeypatch):
+    model = tiny_model(dtype)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 11, 8)]
+    params = SamplingParams(max_new_tokens=24)
+    fused = Engine(model, max_batch_size=3).generate(prompts, params)
+    modules_only(monkeypatch)
+    plain = Engine(model, max_batch_size=3).generate(prompts, params)
+    assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
+
+
+@needs_kernels
+def test_decode_step_follows_weights_changed_in_place_replaced_or_converted(monkeypatch):
+    model = tiny_model(torch.float32)
+    ids, pos = torch.tensor([[7]]), torch.tensor([[3]])
+
+    def check(dtype=torch.float32):
+        fused, plain, *_ = decode_both(model, ids, pos, None, 1, 8, monkeypatch)
+        assert_logits_close(fused, plain, dtype)
+        return fused
+
+    first = check()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(3)  # in place: the same memory
+    second = check()
+    layer = model.model.layers[1].self_attn
+    layer.o_proj.weight = torch.nn.Parameter(torch.randn_like(layer.o_proj.weight))  # replaced
+    third = check()
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    model.load_state_dict(
+        {k: torch.randn_like(v) * 0.3 for k, v in model.state_dict().items()}, assign=True
+    )
+    check()
+    model.to(torch.bfloat16)  # every parameter's .data replaced
+    check(torch.bfloat16)
+
+
+@needs_kernels
+def test_decode_step_steps_aside_where_it_must_not_run(monkeypatch):
+    """Too many rows, fp16, autograd: the modules run (and a gradient flows)."""
+    for dtype, batch in ((torch.bfloat16, kernels.MAX_ROWS[torch.bfloat16] + 1), (torch.half, 1)):
+        model = tiny_model(dtype)
+        cache = model.new_cache(batch, 8)
+        with torch.inference_mode():
+            out = model(torch.ones(batch, 1, dtype=torch.long), torch.zeros(batch, 1), cache)
+        assert out.shape == (batch, 1, model.config.vocab_size)
+        assert "decode_step" not in cache.__dict__
+    model = tiny_model(torch.float32)
+    cache = model.new_cache(1, 8)
+    with torch.inference_mode():
+        model(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache)
+    assert cache.__dict__.get("decode_step") is not None  # made: the next call may reuse it
+    out = model(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), cache)
+    out.sum().backward()  # autograd on: the modules ran
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@needs_kernels
+def test_decode_step_rejects_out_of_range_input_and_writes_nothing():
+    model = tiny_model(torch.float32)
+    cache = random_cache(model, 2, 8, seed=0)
+    before = [layer.k.clone() for layer in cache.layers]
+    bad = [
+        (torch.tensor([[1], [model.config.vocab_size]]), torch.tensor([[0], [1]]), None),
+        (torch.tensor([[1], [2]]), torch.tensor([[0], [8]]), None),  # position == cache length
+        (torch.tensor([[1], [2]]), torch.tensor([[0], [-1]]), None),
+        (torch.tensor([[1], [2]]), torch.tensor([[0], [1]]), torch.tensor([0, 2])),  # no row 2
+    ]
+    with torch.inference_mode():
+        for ids, pos, rows in bad:
+            with pytest.raises(IndexError, match="decode step out of range"):
+                model(ids, pos, cache, rows=rows)
+    assert all(torch.equal(layer.k, b) for layer, b in zip(cache.layers, before))

@@ -302,6 +302,8 @@ class GemmaForCausalLM(nn.Module):
         B, T = input_ids.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        if T == 1 and cache is not None and (step := self._decode_step(cache, B)):
+            return self._run_decode_step(step, input_ids, input_pos, rows)
         h = self.embed(input_ids)
         cos, sin = self.rotary(input_pos, h.dtype)
         mask, at = None, None
@@ -316,6 +318,73 @@ class GemmaForCausalLM(nn.Module):
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index][:, None]  # [B, 1, D]
         return linear(self.model.norm(h), self.output_embedding)
+
+    def _decode_step(self, cache: KVCache, batch: int) -> kernels.DecodeStep | None:
+        """The whole one-token step in one kernel call (kernels.DecodeStep), made once per cache,
+        when it may run: inference on CPU (no autograd, not compiling), fp32 or bf16 weights and
+        cache of one dtype, at most MAX_ROWS[dtype] rows. None: run the modules. (Forward hooks
+        on submodules do not run inside it.)"""
+        dtype = self.model.embed_tokens.weight.dtype
+        if (
+            batch > kernels.MAX_ROWS.get(dtype, 0)
+            or kernels.library() is None
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        step = cache.__dict__.get("decode_step")
+        if step is None or step.owner() is not self or not step.current():
+            step = cache.__dict__["decode_step"] = self._make_decode_step(cache)
+        if step is None or (step.requires_grad and torch.is_grad_enabled()):
+            return None
+        return step
+
+    def _make_decode_step(self, cache: KVCache) -> kernels.DecodeStep | None:
+        layers = []
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            params = dict(layer.named_parameters())
+            parts = [params.get(name) for name in kernels.LAYER_PARTS[:-2]]
+            if len(params) != len(parts) or None in parts:  # e.g. biases added to a layer
+                return None
+            layers.append([*parts, layer_cache.k, layer_cache.v])
+        tensors = [t for parts in layers for t in parts]
+        embed, norm = self.model.embed_tokens.weight, self.model.norm.weight
+        with torch.no_grad():  # whether gradients are wanted is checked at each call
+            lib = kernels.usable(*tensors, embed, norm, self.output_embedding)
+        if lib is None:
+            return None
+        c = self.config
+        dims = kernels.ModelDims(
+            layers=c.num_hidden_layers,
+            hidden=c.hidden_size,
+            heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            cache_rows=cache.batch_size,
+            cache_len=cache.max_seq_len,
+            eps=c.rms_norm_eps,
+            embed_scale=embedding_scale(c.hidden_size, embed.dtype),
+        )
+        return kernels.DecodeStep(lib, dims, layers, embed, norm, self.output_embedding, self)
+
+    def _run_decode_step(
+        self, step: kernels.DecodeStep, input_ids: Tensor, input_pos: Tensor, rows
+    ) -> Tensor:
+        B = input_ids.shape[0]
+        if rows is None:
+            rows = slice(0, B)
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start or 0, rows.stop if rows.stop is not None else B)
+        cos, sin = self.rotary(input_pos, step.dtype)  # [B, 1, 1, D]
+        logits = step(
+            input_ids.reshape(B).to(torch.int64).contiguous(),
+            input_pos.reshape(B).to(torch.int64).contiguous(),
+            rows.to(torch.int64).contiguous(),
+            cos.contiguous(),
+            sin.contiguous(),
+        )
+        return logits[:, None]
 
     def embed(self, input_ids: Tensor) -> Tensor:
         w = self.model.embed_tokens.weight

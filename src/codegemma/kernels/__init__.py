@@ -12,6 +12,9 @@ The C file ships with the package and is compiled on first use with the system C
 first uses are safe). Without a compiler, off x86-64, or with `CODEGEMMA_KERNELS=0`, every
 function here is plain torch. Autograd, torch.compile, tensor subclasses and non-CPU tensors
 always take the torch path, so training is untouched.
+
+`DecodeStep` runs a whole decode step of a Gemma model (every layer, for a few sequences) in one
+call; GemmaForCausalLM.forward uses it for one-token steps with a KV cache (see model.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +38,8 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu.c")
+SOURCE = Path(__file__).with_name("cpu.c")  # includes cpu_typed.h, once per dtype
+HEADERS = (SOURCE.with_name("cpu_typed.h"),)
 # Activation rows per call, by dtype: above these torch's GEMM is as fast (bench_gemv.py --rows).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -68,7 +74,7 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     flags = (*CFLAGS, *extra_flags)
     key = hashlib.sha256(
         b"\0".join(
-            [SOURCE.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_key().encode()]
+            [SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), cc.encode(), " ".join(flags).encode(), _cpu_key().encode()]
         )
     ).hexdigest()[:16]
     out = (directory or cache_dir()) / key / "libcodegemma_cpu.so"
@@ -90,6 +96,29 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     return out
 
 
+class ModelDims(ctypes.Structure):
+    """cpu.c's model_dims: a Gemma decoder's sizes and its KV cache's, for the decode step."""
+
+    _fields_ = [
+        *(
+            (name, ctypes.c_int64)
+            for name in (
+                "layers",
+                "hidden",
+                "heads",
+                "kv_heads",
+                "head_dim",
+                "intermediate",
+                "vocab",
+                "cache_rows",
+                "cache_len",
+            )
+        ),
+        ("eps", ctypes.c_float),
+        ("embed_scale", ctypes.c_float),
+    ]
+
+
 class _Library:
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
@@ -100,6 +129,13 @@ class _Library:
             "rmsnorm": [ptr, ptr, ptr, i64, i64, f32, i32],  # x, w, y, rows, dim, eps, threads
             "rotary": [ptr, ptr, ptr, i64, i64, i64, i32],  # x, cos, sin, rows, heads, dim, thr.
         }
+        if self.isa:
+            # dims, layer pointers, embed, final norm, lm_head, tokens, positions, rows, cos, sin,
+            # B, logits, scratch, threads
+            signatures["decode"] = [ctypes.POINTER(ModelDims), ptr, *[ptr] * 8, i64, ptr, ptr, i32]
+            self.scratch_bytes = lib.codegemma_decode_scratch_bytes
+            self.scratch_bytes.argtypes = [ctypes.POINTER(ModelDims), i64]
+            self.scratch_bytes.restype = i64
         self.fns: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
         for op, argtypes in signatures.items():
             if op == "gemv" and not self.isa:
@@ -107,7 +143,7 @@ class _Library:
             self.fns[op] = {}
             for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
                 fn = getattr(lib, f"codegemma_{op}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes, fn.restype = argtypes, (ctypes.c_int if op == "decode" else None)
                 self.fns[op][dtype] = fn
 
 
@@ -227,3 +263,114 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+# What the decode step reads per layer, in cpu.c's order (its P_* enum): the layer's parameters
+# as transformers names them (under model.layers.N.), then that layer's KV-cache buffers.
+LAYER_PARTS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "k_cache",
+    "v_cache",
+)
+
+# Bumped whenever any module registers a parameter or buffer (e.g. load_state_dict(assign=True)
+# or `layer.weight = nn.Parameter(...)`), so a DecodeStep holding the old tensors knows it is stale.
+_registrations = 0
+
+
+def _registered(module: nn.Module, name: str, value: Tensor | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
+
+
+class DecodeStep:
+    """A whole decode step of a Gemma model with its KV cache in one kernel call (cpu.c's
+    codegemma_decode): for B <= MAX_ROWS[dtype] sequences, one new token each, the embedding,
+    every layer (norms, q/k/v, rotary, cache write, attention over each row's cached positions,
+    o, MLP, residuals), the final norm and the output head, all in one OpenMP team, with the
+    roundings of the torch modules (the matmuls' and the softmax's sums in another order).
+
+    Made by GemmaForCausalLM for one (model, cache) pair from the tensors it reads (`layers`: per
+    layer, the LAYER_PARTS; all plain, contiguous CPU tensors of one dtype). It keeps their
+    addresses: `current()` is False once any of them moved (model.to(), `.data =`) or any module
+    registered a new parameter or buffer since, and the owner then makes a new one."""
+
+    def __init__(
+        self,
+        lib: _Library,
+        dims: ModelDims,
+        layers: Sequence[Sequence[Tensor]],
+        embed: Tensor,
+        final_norm: Tensor,
+        lm_head: Tensor,
+        owner: nn.Module,
+    ) -> None:
+        if any(len(parts) != len(LAYER_PARTS) for parts in layers):
+            raise ValueError(f"each layer needs its {len(LAYER_PARTS)} tensors: {LAYER_PARTS}")
+        self.tensors = [*(t for parts in layers for t in parts), embed, final_norm, lm_head]
+        self._ptrs = [t.data_ptr() for t in self.tensors]
+        self._table = (ctypes.c_void_p * (len(self._ptrs) - 3))(*self._ptrs[:-3])
+        self._lib, self._dims, self.dtype = lib, dims, embed.dtype
+        self._fn = lib.fns["decode"][self.dtype]
+        self.requires_grad = any(t.requires_grad for t in self.tensors)
+        self.owner = weakref.ref(owner)
+        self._registrations = _registrations
+        self._scratch: dict[int, Tensor] = {}
+
+    def current(self) -> bool:
+        return self._registrations == _registrations and self._ptrs == [
+            t.data_ptr() for t in self.tensors
+        ]
+
+    def __call__(
+        self, tokens: Tensor, positions: Tensor, rows: Tensor, cos: Tensor, sin: Tensor
+    ) -> Tensor:
+        """tokens, positions, rows: [B] int64 (rows: the cache rows written and read); cos, sin:
+        [B, head_dim] in the dtype. Returns logits [B, vocab]. IndexError when a token, position
+        or row is out of range (nothing is written then)."""
+        B = tokens.shape[0]
+        if B > MAX_ROWS[self.dtype]:
+            raise ValueError(f"a decode step takes at most {MAX_ROWS[self.dtype]} rows, got {B}")
+        scratch = self._scratch.get(B)
+        if scratch is None:
+            size = self._lib.scratch_bytes(ctypes.byref(self._dims), B)
+            scratch = self._scratch[B] = torch.empty(size, dtype=torch.uint8)
+        logits = torch.empty(B, self._dims.vocab, dtype=self.dtype)
+        embed, final_norm, lm_head = self.tensors[-3:]
+        failed = self._fn(
+            ctypes.byref(self._dims),
+            self._table,
+            embed.data_ptr(),
+            final_norm.data_ptr(),
+            lm_head.data_ptr(),
+            tokens.data_ptr(),
+            positions.data_ptr(),
+            rows.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            B,
+            logits.data_ptr(),
+            scratch.data_ptr(),
+            _threads(),
+        )
+        if failed:
+            d = self._dims
+            raise IndexError(
+                f"decode step out of range: token ids must be < {d.vocab}, positions < the "
+                f"cache's max_seq_len {d.cache_len}, cache rows < its batch size {d.cache_rows}; "
+                f"got tokens {tokens.tolist()}, positions {positions.tolist()}, rows "
+                f"{rows.tolist()}"
+            )
+        return logits

@@ -1,4 +1,5 @@
-/* CPU kernels for decoding: the decode-shaped matmul, and a layer's elementwise pieces fused.
+/* CPU kernels for decoding: the decode-shaped matmul, a layer's elementwise pieces, and the whole
+ * decode step of a Gemma model in one call.
  *
  * gemv: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m (4 at a time).
  * Decoding multiplies one activation row per sequence by every weight matrix, so a step is bound by
@@ -8,12 +9,20 @@
  * memory's speed. (Measured by benchmarks/bench_gemv.py: blocks of 4 rows read in interleaved
  * order, and software prefetching, were both slower than one plain row after another.)
  *
+ * decode: a whole decode step (embedding, every layer, final norm, output head) for a few rows
+ * inside one OpenMP parallel region: the threads stay in one team from the first matrix to the
+ * last, meeting only at the barriers the data flow needs, and no Python runs between the ~130
+ * matmuls of a 2B step (through torch's modules, that Python and the small ops cost ~10% of it).
+ * q/k/v run back to back without a barrier between them, and so do gate and up, with
+ * gelu(gate) * up applied as up's rows are finished.
+ *
  * Numerics: fp32 accumulation, one rounding at the end (round-to-nearest-even for bf16 output),
- * like torch's own bf16 and fp32 linear; only the order of the additions differs.
+ * like torch's own bf16 and fp32 linear; only the order of the additions differs. Every other
+ * step rounds where the torch code in model.py rounds (see cpu_typed.h).
  * ISA: AVX-512 BF16 (VDPBF16PS) > AVX-512F > AVX2+FMA, chosen at compile time (-march=native);
- * `codegemma_gemv_isa` reports which, 0 meaning none (the caller then keeps torch's matmul).
- * Threads: OpenMP over blocks of weight rows; built with -fopenmp, so it shares the libgomp that
- * torch has already loaded, and the caller passes torch's thread count.
+ * `codegemma_gemv_isa` reports which, 0 meaning none (the caller then keeps torch's ops).
+ * Threads: OpenMP; built with -fopenmp, so it shares the libgomp that torch has already loaded,
+ * and the caller passes torch's thread count.
  *
  * rmsnorm, rotary: one pass each where torch takes 6-10 ops (each a dispatch and a pass over the
  * data); the same per-element operations in the same order and rounding as the torch code in
@@ -41,6 +50,15 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* torch's tanh-approximate GELU, operation for operation (its vectorized CPU kernel, in fp32) */
+static inline float gelu_tanh(float x) {
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    float inner = beta * (x + kappa * (x * x * x));
+    return 0.5f * x * (1.0f + tanhf(inner));
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define ISA 3
 #elif defined(__AVX512F__)
@@ -52,6 +70,8 @@ static inline uint16_t f32_to_bf16(float f) {
 #endif
 
 int codegemma_gemv_isa(void) { return ISA; }
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 #if ISA > 0
 
@@ -80,15 +100,11 @@ static inline float vsum(__m256 a) {
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #endif
 
-/* R weight rows (K values each, read once, front to back: the access order the hardware
- * prefetcher follows best) against MB activation rows (MB <= MCHUNK). R is 1, or 2 for long rows
- * (K > KLONG): each load of x then serves two rows, halving x's traffic, which for 32 KB and more
- * no longer fits in L1 beside the weight streams and competes with them from L2. R and MB are
- * compile-time constants at every call site, so the loops unroll into registers. */
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* The fp32 multiply-add loop over whole vectors, loading with LOAD (fp32, or bf16 widened):
- * leaves acc[r][m] and k, the first column of the scalar tail. */
+/* s[r][m] = w_r . x[m] (fp32 sums) for R weight rows w_0, w_1 of K values (each read once, front
+ * to back: the access order the hardware prefetcher follows best) and MB <= MCHUNK activation rows
+ * x[m] = x + m * K. R = 2 serves two rows with each load of x: for long rows (K > KLONG), whose x
+ * no longer fits in L1 beside the weight stream. R and MB are compile-time constants at every call
+ * site, so the loops unroll into registers. */
 #define FMA_ROWS(LOAD)                                                              \
     vec acc[2][MCHUNK];                                                             \
     for (int r = 0; r < R; r++)                                                     \
@@ -96,26 +112,28 @@ static inline float vsum(__m256 a) {
     int64_t k = 0;                                                                  \
     for (; k + VLEN <= K; k += VLEN) {                                              \
         vec wv[2];                                                                  \
-        for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                    \
+        for (int r = 0; r < R; r++) wv[r] = LOAD(wr[r] + k);                        \
         for (int m = 0; m < MB; m++) {                                              \
             vec xv = LOAD(x + m * K + k);                                           \
             for (int r = 0; r < R; r++) acc[r][m] = vfma(wv[r], xv, acc[r][m]);     \
         }                                                                           \
     }
 
-ALWAYS_INLINE void rows_f32(const float *x, const float *w, float *y, int64_t K, int64_t N, int R,
-                            int MB) {
+ALWAYS_INLINE void dots_f32(const float *x, const float *w0, const float *w1, int64_t K, int R,
+                            int MB, float s[2][MCHUNK]) {
+    const float *wr[2] = {w0, w1};
     FMA_ROWS(vload)
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) {
-            float s = vsum(acc[r][m]);
-            for (int64_t t = k; t < K; t++) s += w[r * K + t] * x[m * K + t];
-            y[m * N + r] = s;
+            float t = vsum(acc[r][m]);
+            for (int64_t i = k; i < K; i++) t += wr[r][i] * x[m * K + i];
+            s[r][m] = t;
         }
 }
 
-ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t K,
-                             int64_t N, int R, int MB) {
+ALWAYS_INLINE void dots_bf16(const uint16_t *x, const uint16_t *w0, const uint16_t *w1, int64_t K,
+                             int R, int MB, float s[2][MCHUNK]) {
+    const uint16_t *wr[2] = {w0, w1};
 #if ISA == 3
     /* VDPBF16PS: 32 bf16 products per instruction, summed in pairs into 16 fp32 lanes */
     __m512 acc[2][MCHUNK];
@@ -124,7 +142,7 @@ ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[2];
-        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
         for (int m = 0; m < MB; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
             for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
@@ -137,27 +155,26 @@ ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
 #endif
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) {
-            float s = BF16_SUM(acc[r][m]);
-            for (int64_t t = k; t < K; t++)
-                s += bf16_to_f32(w[r * K + t]) * bf16_to_f32(x[m * K + t]);
-            y[m * N + r] = f32_to_bf16(s);
+            float t = BF16_SUM(acc[r][m]);
+            for (int64_t i = k; i < K; i++) t += bf16_to_f32(wr[r][i]) * bf16_to_f32(x[m * K + i]);
+            s[r][m] = t;
         }
 #undef BF16_SUM
 }
 
 /* Expand R and MB into constant-argument calls so each combination is its own unrolled code. */
-#define DISPATCH_MB(ROWS, x, w, y, K, N, R, MB)      \
-    switch (MB) {                                    \
-        case 1: ROWS(x, w, y, K, N, R, 1); break;    \
-        case 2: ROWS(x, w, y, K, N, R, 2); break;    \
-        case 3: ROWS(x, w, y, K, N, R, 3); break;    \
-        default: ROWS(x, w, y, K, N, R, 4); break;   \
+#define DISPATCH_MB(DOTS, x, w0, w1, K, R, MB, s)      \
+    switch (MB) {                                      \
+        case 1: DOTS(x, w0, w1, K, R, 1, s); break;    \
+        case 2: DOTS(x, w0, w1, K, R, 2, s); break;    \
+        case 3: DOTS(x, w0, w1, K, R, 3, s); break;    \
+        default: DOTS(x, w0, w1, K, R, 4, s); break;   \
     }
-#define DISPATCH(ROWS, x, w, y, K, N, R, MB)                              \
-    if ((R) == 2) {                                                       \
-        DISPATCH_MB(ROWS, x, w, y, K, N, 2, MB)                           \
-    } else {                                                              \
-        DISPATCH_MB(ROWS, x, w, y, K, N, 1, MB)                           \
+#define DISPATCH(DOTS, x, w0, w1, K, R, MB, s)      \
+    if ((R) == 2) {                                 \
+        DISPATCH_MB(DOTS, x, w0, w1, K, 2, MB, s)   \
+    } else {                                        \
+        DISPATCH_MB(DOTS, x, w0, w1, K, 1, MB, s)   \
     }
 
 /* Below this many multiply-adds a call runs on one thread: waking the team costs more. */
@@ -167,98 +184,66 @@ ALWAYS_INLINE void rows_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
  * no better on rows that leave x room in L1. */
 #define KLONG 8192
 
-/* Threads take contiguous ranges of weight rows (or row pairs; schedule static), each streamed
- * in order; an odd last row of a paired call goes alone. */
-#define GEMV_BODY(ROWS)                                                                      \
-    int parallel = threads > 1 && M * N * K >= PARALLEL_MIN_MACS;                            \
-    int R = K > KLONG ? 2 : 1;                                                               \
-    int64_t groups = N / R;                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(parallel)")           \
-    for (int64_t g = 0; g < groups; g++) {                                                   \
-        int64_t n = g * R;                                                                   \
-        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {                                         \
-            int MB = M - m0 < MCHUNK ? (int)(M - m0) : MCHUNK;                               \
-            DISPATCH(ROWS, x + m0 * K, w + n * K, y + m0 * N + n, K, N, R, MB)               \
-        }                                                                                    \
-    }                                                                                        \
-    for (int64_t n = groups * R; n < N; n++) /* the odd row out */                          \
-        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {                                         \
-            int MB = M - m0 < MCHUNK ? (int)(M - m0) : MCHUNK;                               \
-            DISPATCH(ROWS, x + m0 * K, w + n * K, y + m0 * N + n, K, N, 1, MB)               \
-        }
+#endif /* ISA > 0 */
 
-/* x [M, K], w [N, K], y [M, N]: contiguous, row-major. */
-void codegemma_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K,
-                        int threads) {
-    GEMV_BODY(rows_f32)
-}
+/* The sizes of a Gemma decoder, for the decode step (kernels/__init__.py mirrors this struct). */
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
+    int64_t cache_rows, cache_len; /* the KV cache: [cache_rows, kv_heads, cache_len, head_dim] */
+    float eps, embed_scale;
+} model_dims;
 
-void codegemma_gemv_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N,
-                         int64_t K, int threads) {
-    GEMV_BODY(rows_bf16)
-}
+/* Per layer, the decode step takes these pointers, in this order (kernels/__init__.py LAYER_PARTS) */
+enum { P_IN_NORM, P_Q, P_K, P_V, P_O, P_POST_NORM, P_GATE, P_UP, P_DOWN, P_K_CACHE, P_V_CACHE, P_COUNT };
 
-#endif
+/* The decode step's working memory, carved out of one buffer the caller allocates:
+ * activations h (residual), xn (normed), q, k, v, att, o (a matmul's output), act (the MLP's
+ * gelu(gate) * up), in elements of `elem` bytes; attention scores in fp32. */
+typedef struct {
+    void *h, *xn, *q, *k, *v, *att, *o, *act;
+    float *scores;
+} step_buffers;
 
-/* ---- elementwise pieces of a layer, fused: each is one pass instead of 6-10 torch ops ---------- */
-
-/* Gemma's RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32, rounded once to the dtype;
- * the same operations in the same order as transformers' GemmaRMSNorm, per element. */
-#define RMSNORM_BODY(LOAD, STORE)                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * dim >= (1 << 16))") \
-    for (int64_t i = 0; i < rows; i++) {                                            \
-        float ss = 0.0f;                                                            \
-        for (int64_t j = 0; j < dim; j++) {                                         \
-            float v = LOAD(x[i * dim + j]);                                         \
-            ss += v * v;                                                            \
-        }                                                                           \
-        float r = 1.0f / sqrtf(ss / (float)dim + eps);                              \
-        for (int64_t j = 0; j < dim; j++) {                                         \
-            float n = LOAD(x[i * dim + j]) * r;                                     \
-            y[i * dim + j] = STORE(n * (1.0f + LOAD(w[j])));                        \
-        }                                                                           \
+static int64_t carve(const model_dims *d, int64_t B, int64_t elem, char *base, step_buffers *out) {
+    int64_t q = d->heads * d->head_dim, kv = d->kv_heads * d->head_dim;
+    int64_t sizes[9] = {B * d->hidden * elem, B * d->hidden * elem, B * q * elem, B * kv * elem,
+                        B * kv * elem,        B * q * elem,         B * d->hidden * elem,
+                        B * d->intermediate * elem, B * d->heads * d->cache_len * 4};
+    void **slots[9] = {&out->h, &out->xn, &out->q, &out->k, &out->v, &out->att, &out->o, &out->act,
+                       (void **)&out->scores};
+    int64_t at = 0;
+    for (int i = 0; i < 9; i++) {
+        if (base) *slots[i] = base + at;
+        at += (sizes[i] + 63) / 64 * 64; /* each piece on its own cache lines */
     }
-
-#define ID(v) (v)
-
-void codegemma_rmsnorm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t dim,
-                           float eps, int threads) {
-    RMSNORM_BODY(ID, ID)
+    return at;
 }
 
-void codegemma_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows,
-                            int64_t dim, float eps, int threads) {
-    RMSNORM_BODY(bf16_to_f32, f32_to_bf16)
+/* Bytes of working memory the decode step needs for B rows (the same for both dtypes). */
+int64_t codegemma_decode_scratch_bytes(const model_dims *d, int64_t B) {
+    step_buffers unused;
+    return carve(d, B, 4, NULL, &unused);
 }
 
-/* Rotary embedding in place, half-split layout: x [rows, heads, dim] with cos, sin [rows, dim];
- * x' = x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). ROUND reproduces the
- * rounding of each torch op in the activation dtype (products, then their sum). */
-#define ROTARY_BODY(T, LOAD, ROUND, STORE)                                          \
-    int64_t half = dim / 2;                                                         \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * heads * dim >= (1 << 16))") \
-    for (int64_t i = 0; i < rows; i++) {                                            \
-        const T *c = cos + i * dim, *s = sin + i * dim;                             \
-        for (int64_t h = 0; h < heads; h++) {                                       \
-            T *v = x + (i * heads + h) * dim;                                       \
-            for (int64_t j = 0; j < half; j++) {                                    \
-                float x1 = LOAD(v[j]), x2 = LOAD(v[j + half]);                      \
-                float a = ROUND(x1 * LOAD(c[j])) + ROUND(-x2 * LOAD(s[j]));         \
-                float b = ROUND(x2 * LOAD(c[j + half])) + ROUND(x1 * LOAD(s[j + half])); \
-                v[j] = STORE(a);                                                    \
-                v[j + half] = STORE(b);                                             \
-            }                                                                       \
-        }                                                                           \
-    }
+/* The dtype-generic kernels, once per dtype: T, its conversions, and the dot-product routine. */
+#define T float
+#define SUFFIX f32
+#define LOADF(v) (v)
+#define STOREF(v) (v)
+#define ROUNDF(v) (v)
+#define DOTS dots_f32
+#include "cpu_typed.h"
+#undef T
+#undef SUFFIX
+#undef LOADF
+#undef STOREF
+#undef ROUNDF
+#undef DOTS
 
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
-
-void codegemma_rotary_f32(float *x, const float *cos, const float *sin, int64_t rows,
-                          int64_t heads, int64_t dim, int threads) {
-    ROTARY_BODY(float, ID, ID, ID)
-}
-
-void codegemma_rotary_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t rows,
-                           int64_t heads, int64_t dim, int threads) {
-    ROTARY_BODY(uint16_t, bf16_to_f32, round_bf16, f32_to_bf16)
-}
+#define T uint16_t
+#define SUFFIX bf16
+#define LOADF(v) bf16_to_f32(v)
+#define STOREF(v) f32_to_bf16(v)
+#define ROUNDF(v) round_bf16(v)
+#define DOTS dots_bf16
+#include "cpu_typed.h"
