@@ -2,18 +2,20 @@
 
 For each config (tiny: weights in cache, the step is all per-token overhead; small: 19 MB of fp32
 weights, overhead plus memory traffic; the CodeGemma 2B shape: reading the weights dominates) a
-random-weight checkpoint is written once, then each implementation
-runs in its own subprocess (so peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop.
-  prefill tok/s = prompt tokens / time of a 1-token generation
-  decode tok/s  = (N - 1) / (time of an N-token generation - time of a 1-token generation),
-                  the best of --repeats generations
-The machine's memory bandwidth (the fastest of several streaming reads of 1 GiB, see
-memory_bandwidth_gbs) is measured right before each worker starts and again inside it right after
-its decode (after its peak RSS is read), since other jobs on a shared machine move it; the higher
-of the two sets that row's decode limit: bandwidth / bytes of weights read per token.
+random-weight checkpoint is written once, then each implementation runs in its own subprocess (so
+peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop. Every token's arrival is
+timestamped (our engine's steps; transformers' streamer), so
+  prefill tok/s = prompt tokens / time to the first new token
+  decode tok/s  = (N - 1) / (time from the first new token to the last)
+and the run is repeated in --rounds rounds, each of which first measures the machine's memory
+bandwidth (the fastest of several streaming reads of 1 GiB, see memory_bandwidth_gbs) and then
+generates: on a shared machine the bandwidth moves by 2x from one minute to the next, so a decode
+is compared only with the bandwidth measured seconds before it. Per round, the decode limit is
+that bandwidth / bytes of weights read per token; the table gives the medians over the rounds of
+decode tok/s, bandwidth, and each round's decode / limit.
 
     python benchmarks/bench_generate.py                  # tiny, small and 2b (bf16)
-    python benchmarks/bench_generate.py --configs small --new-tokens 64
+    python benchmarks/bench_generate.py --configs 2b --rounds 9
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,15 +56,18 @@ def make_checkpoint(name: str, out: Path) -> Path:
     return out
 
 
-def memory_bandwidth_gbs(size_gib: float = 1.0, repeats: int = 3) -> float:
+def memory_bandwidth_gbs(
+    size_gib: float = 1.0, repeats: int = 3, buffer: torch.Tensor | None = None
+) -> float:
     """The fastest streaming read of `size_gib` we can measure: the best over repeats of torch's
     sum and dot of an fp32 tensor, and (where available) our GEMV over a bf16 matrix of that size.
     Any of them is a lower bound on what the memory delivers; the best is the tightest, so a
     decode's "% of limit" against it is, if anything, understated. (On this machine torch's
-    reductions read at ~31-35 GB/s while the GEMV reads at up to ~48.)"""
+    reductions read at ~31-35 GB/s while the GEMV reads at up to ~60.) `buffer`: a float32
+    tensor of that size to reuse (else one is allocated, ordinary memory: 4 KB pages here)."""
     from codegemma import kernels
 
-    x = torch.ones(int(size_gib * 2**30 / 4), dtype=torch.float32)
+    x = buffer if buffer is not None else torch.ones(int(size_gib * 2**30 / 4))
     probes = [lambda: x.sum(), lambda: torch.dot(x, x)]
     if kernels.isa():
         w = x.view(torch.bfloat16).view(-1, 2048)  # the same bytes as a [N, 2048] bf16 matrix
@@ -102,7 +108,7 @@ def _time(fn) -> float:
 
 
 def worker(
-    impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int
+    impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str, rounds: int
 ) -> dict:
     torch.manual_seed(0)
     if impl == "ours":
@@ -115,9 +121,14 @@ def worker(
         engine = Engine(model, max_batch_size=1, prefix_cache=False)
         prompt = torch.randint(200, config.vocab_size, (prompt_len,)).tolist()
 
-        def run(n: int) -> None:
-            out = engine.generate([prompt], SamplingParams(max_new_tokens=n))[0]
-            assert len(out.token_ids) == n
+        def run(n: int) -> list[float]:
+            engine.submit(prompt, SamplingParams(max_new_tokens=n))
+            times = [time.perf_counter()]
+            while engine.has_work():
+                engine.step()  # the first step prefills, each later one decodes a token
+                times.append(time.perf_counter())
+            assert len(times) == n + 1
+            return times
     else:
         import transformers
 
@@ -128,7 +139,18 @@ def worker(
         vocab = model.config.vocab_size
         ids = torch.randint(200, vocab, (1, prompt_len))
 
-        def run(n: int) -> None:
+        class Clock:  # a streamer: put() gets the prompt, then each new token as it is made
+            def __init__(self) -> None:
+                self.times = [time.perf_counter()]
+
+            def put(self, value) -> None:
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        def run(n: int) -> list[float]:
+            clock = Clock()
             with torch.inference_mode():
                 out = model.generate(
                     ids,
@@ -137,19 +159,27 @@ def worker(
                     do_sample=False,
                     eos_token_id=None,
                     pad_token_id=0,
+                    streamer=clock,
                 )
-            assert out.shape[1] == prompt_len + n
+            assert out.shape[1] == prompt_len + n and len(clock.times) == n + 2
+            return [clock.times[0], *clock.times[2:]]  # the start, then each new token
 
     run(2)  # warm-up
-    t1 = min(_time(lambda: run(1)) for _ in range(2))
-    tn = min(_time(lambda: run(new_tokens)) for _ in range(repeats))
-    peak = peak_rss_bytes()  # before the bandwidth probe allocates its 1 GiB
-    return {
-        "prefill_tok_s": prompt_len / t1,
-        "decode_tok_s": (new_tokens - 1) / max(tn - t1, 1e-9),
-        "peak_rss_gib": peak / 2**30,
-        "gbs_after": memory_bandwidth_gbs(),  # right after the decode, in the same process
-    }
+    run(new_tokens)  # the peak memory of a whole generation...
+    peak = peak_rss_bytes()  # ...read before the bandwidth probe allocates its 1 GiB
+    buffer = torch.ones(2**30 // 4)
+    results = []
+    for _ in range(rounds):
+        gbs = memory_bandwidth_gbs(repeats=1, buffer=buffer)
+        times = run(new_tokens)
+        results.append(
+            {
+                "gbs": gbs,
+                "prefill_tok_s": prompt_len / (times[1] - times[0]),
+                "decode_tok_s": (new_tokens - 1) / (times[-1] - times[1]),
+            }
+        )
+    return {"rounds": results, "peak_rss_gib": peak / 2**30}
 
 
 def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
@@ -166,8 +196,8 @@ def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
         str(args.new_tokens),
         "--dtype",
         dtype,
-        "--repeats",
-        str(args.repeats),
+        "--rounds",
+        str(args.rounds),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,11 +211,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "transformers"])
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=2, help="timed generations; best is kept")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of (bandwidth probe, timed generation)"
+    )
     args = parser.parse_args()
     if args.worker:
         result = worker(
-            args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats
+            args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.rounds
         )
         print(json.dumps(result))
         return
@@ -205,12 +237,16 @@ def main() -> None:
         if kernels.isa():
             line += f", codegemma kernel {gemv_bandwidth_gbs(dtype, kernels.gemv):.1f} GB/s"
         print(line)
-    print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1\n")
+    print(
+        f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
+        f"medians over {args.rounds} rounds of (bandwidth probe, generation)\n"
+    )
     print(
         "| config | dtype | impl | prefill tok/s | decode tok/s | decode vs transformers | "
         "memory GB/s | bandwidth limit tok/s | % of limit | peak RSS GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    notes: list[str] = []
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
@@ -221,18 +257,33 @@ def main() -> None:
             )
             rows = {}
             for impl in ("transformers", "ours"):
-                before = memory_bandwidth_gbs()  # just before the worker starts
                 r = run_worker(impl, model_dir, args, spec["dtype"])
-                rows[impl] = dict(r, gbs=max(before, r["gbs_after"]))
+                per_round = r["rounds"]
+                rows[impl] = {
+                    key: statistics.median(x[key] for x in per_round)
+                    for key in ("gbs", "prefill_tok_s", "decode_tok_s")
+                }
+                rows[impl]["of_limit"] = statistics.median(
+                    x["decode_tok_s"] * bytes_per_token / (x["gbs"] * 1e9) for x in per_round
+                )
+                rows[impl]["peak_rss_gib"] = r["peak_rss_gib"]
+                notes.append(
+                    f"- {name} {impl}, each round's probe -> decode: "
+                    + ", ".join(
+                        f"{x['gbs']:.1f} GB/s -> {x['decode_tok_s']:.2f} tok/s "
+                        f"({x['decode_tok_s'] * bytes_per_token / (x['gbs'] * 1e9):.0%})"
+                        for x in per_round
+                    )
+                )
         anchor = rows["transformers"]["decode_tok_s"]
         for impl, r in rows.items():
             limit = r["gbs"] * 1e9 / bytes_per_token
             print(
                 f"| {name} | {spec['dtype']} | {impl} | {r['prefill_tok_s']:.1f} | "
                 f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / anchor:.2f}x | {r['gbs']:.1f} | "
-                f"{limit:.2f} | {r['decode_tok_s'] / limit:.0%} | {r['peak_rss_gib']:.2f} |"
+                f"{limit:.2f} | {r['of_limit']:.0%} | {r['peak_rss_gib']:.2f} |"
             )
-
+    print("\n" + "\n".join(notes))
 
 if __name__ == "__main__":
     main()
