@@ -3,16 +3,16 @@
 For each config (tiny: weights in cache, the step is all per-token overhead; small: 19 MB of fp32
 weights, overhead plus memory traffic; the CodeGemma 2B shape: reading the weights dominates) a
 random-weight checkpoint is written once, then each implementation runs in its own subprocess (so
-peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop. Every token's arrival is
-timestamped (our engine's steps; transformers' streamer), so
-  prefill tok/s = prompt tokens / time to the first new token
-  decode tok/s  = (N - 1) / (time from the first new token to the last)
-and the run is repeated in --rounds rounds, each of which first measures the machine's memory
-bandwidth (the fastest of several streaming reads of 1 GiB, see memory_bandwidth_gbs) and then
-generates: on a shared machine the bandwidth moves by 2x from one minute to the next, so a decode
-is compared only with the bandwidth measured seconds before it. Per round, the decode limit is
-that bandwidth / bytes of weights read per token; the table gives the medians over the rounds of
-decode tok/s, bandwidth, and each round's decode / limit.
+peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop, --rounds generations. Every
+token is timed on its own (our engine's steps; transformers' streamer), so
+  prefill tok/s = prompt tokens / time to the first new token (median over the generations)
+  decode tok/s  = tokens decoded / time spent decoding them (all generations)
+The decode limit is the machine's memory bandwidth / bytes of weights read per token. On a shared
+machine the bandwidth moves by 2x within seconds, so it is measured (the fastest of several
+streaming reads of 1 GiB, see memory_bandwidth_gbs) before each generation, after it, and for the
+2B every 8 decoded tokens (untimed); each stretch of decoding between two probes is compared with
+the higher of the two, and "% of limit" is the median over the stretches (their spread is printed
+below the table).
 
     python benchmarks/bench_generate.py                  # tiny, small and 2b (bf16)
     python benchmarks/bench_generate.py --configs 2b --rounds 9
@@ -33,11 +33,13 @@ from pathlib import Path
 import torch
 from bench_train import CONFIGS as TRAIN_CONFIGS  # one "small" model for both benchmarks
 
+# probe_every: decoded tokens between bandwidth probes; 0 where the weights fit in the last-level
+# cache, which a probe would flush in the middle of the generation
 CONFIGS = {
-    "small": dict(preset="tiny", overrides=TRAIN_CONFIGS["small"], dtype="float32"),
+    "small": dict(preset="tiny", overrides=TRAIN_CONFIGS["small"], dtype="float32", probe_every=0),
     # the test preset: weights fit in cache, so the step is all per-token overhead
-    "tiny": dict(preset="tiny", overrides={}, dtype="float32"),
-    "2b": dict(preset="2b", overrides={}, dtype="bfloat16"),
+    "tiny": dict(preset="tiny", overrides={}, dtype="float32", probe_every=0),
+    "2b": dict(preset="2b", overrides={}, dtype="bfloat16", probe_every=8),
 }
 
 
@@ -107,10 +109,61 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+class Clock:
+    """Times each token of one generation (`tick` after each; the first is the prefill) and measures
+    the memory bandwidth (`probe`) before the first token, after every `probe_every` decoded
+    tokens (0: none in between) and after the last, outside the timed intervals, so that each
+    segment of decoding between two probes is compared with the bandwidth of those seconds.
+    Also a transformers streamer: `put` gets the prompt, then each new token."""
+
+    def __init__(self, probe, probe_every: int, started: bool = True) -> None:
+        self.probe, self.every, self.started = probe, probe_every, started
+        self.durations: list[float] = []
+        self.marks = [(0, probe())]  # (tokens decoded so far, GB/s measured then)
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        self.durations.append(time.perf_counter() - self.last)
+        decoded = len(self.durations) - 1
+        if self.every and decoded and decoded % self.every == 0:
+            self.marks.append((decoded, self.probe()))
+        self.last = time.perf_counter()
+
+    def put(self, value) -> None:
+        if self.started:
+            self.tick()
+        else:  # the prompt, as generate() begins
+            self.started, self.last = True, time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+    def segments(self) -> list[dict]:
+        """Per stretch between two probes: tokens, seconds, and the higher of the two probes."""
+        decoded = len(self.durations) - 1
+        if self.marks[-1][0] != decoded:
+            self.marks.append((decoded, self.probe()))
+        return [
+            {"tokens": c1 - c0, "seconds": sum(self.durations[1 + c0 : 1 + c1]), "gbs": max(g0, g1)}
+            for (c0, g0), (c1, g1) in zip(self.marks, self.marks[1:])
+        ]
+
+
 def worker(
-    impl: str, model_dir: str, prompt_len: int, new_tokens: int, dtype: str, rounds: int
+    impl: str,
+    model_dir: str,
+    prompt_len: int,
+    new_tokens: int,
+    dtype: str,
+    rounds: int,
+    probe_every: int,
 ) -> dict:
     torch.manual_seed(0)
+    buffer = None
+
+    def probe() -> float:
+        return memory_bandwidth_gbs(repeats=1, buffer=buffer) if buffer is not None else 0.0
+
     if impl == "ours":
         from codegemma.checkpoint import load_model
         from codegemma.engine import Engine, SamplingParams
@@ -121,14 +174,14 @@ def worker(
         engine = Engine(model, max_batch_size=1, prefix_cache=False)
         prompt = torch.randint(200, config.vocab_size, (prompt_len,)).tolist()
 
-        def run(n: int) -> list[float]:
+        def run(n: int) -> Clock:
             engine.submit(prompt, SamplingParams(max_new_tokens=n))
-            times = [time.perf_counter()]
+            clock = Clock(probe, probe_every)
             while engine.has_work():
                 engine.step()  # the first step prefills, each later one decodes a token
-                times.append(time.perf_counter())
-            assert len(times) == n + 1
-            return times
+                clock.tick()
+            assert len(clock.durations) == n
+            return clock
     else:
         import transformers
 
@@ -139,18 +192,8 @@ def worker(
         vocab = model.config.vocab_size
         ids = torch.randint(200, vocab, (1, prompt_len))
 
-        class Clock:  # a streamer: put() gets the prompt, then each new token as it is made
-            def __init__(self) -> None:
-                self.times = [time.perf_counter()]
-
-            def put(self, value) -> None:
-                self.times.append(time.perf_counter())
-
-            def end(self) -> None:
-                pass
-
-        def run(n: int) -> list[float]:
-            clock = Clock()
+        def run(n: int) -> Clock:
+            clock = Clock(probe, probe_every, started=False)
             with torch.inference_mode():
                 out = model.generate(
                     ids,
@@ -161,28 +204,26 @@ def worker(
                     pad_token_id=0,
                     streamer=clock,
                 )
-            assert out.shape[1] == prompt_len + n and len(clock.times) == n + 2
-            return [clock.times[0], *clock.times[2:]]  # the start, then each new token
+            assert out.shape[1] == prompt_len + n and len(clock.durations) == n
+            return clock
 
     run(2)  # warm-up
     run(new_tokens)  # the peak memory of a whole generation...
     peak = peak_rss_bytes()  # ...read before the bandwidth probe allocates its 1 GiB
     buffer = torch.ones(2**30 // 4)
-    results = []
+    prefill, segments = [], []
     for _ in range(rounds):
-        gbs = memory_bandwidth_gbs(repeats=1, buffer=buffer)
-        times = run(new_tokens)
-        results.append(
-            {
-                "gbs": gbs,
-                "prefill_tok_s": prompt_len / (times[1] - times[0]),
-                "decode_tok_s": (new_tokens - 1) / (times[-1] - times[1]),
-            }
-        )
-    return {"rounds": results, "peak_rss_gib": peak / 2**30}
+        clock = run(new_tokens)
+        prefill.append(prompt_len / clock.durations[0])
+        segments += clock.segments()
+    return {
+        "prefill_tok_s": statistics.median(prefill),
+        "segments": segments,
+        "peak_rss_gib": peak / 2**30,
+    }
 
 
-def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
+def run_worker(impl: str, model_dir: Path, args, dtype: str, probe_every: int) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -198,6 +239,8 @@ def run_worker(impl: str, model_dir: Path, args, dtype: str) -> dict:
         dtype,
         "--rounds",
         str(args.rounds),
+        "--probe-every",
+        str(probe_every),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -211,13 +254,23 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "transformers"])
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations")
     parser.add_argument(
-        "--rounds", type=int, default=5, help="rounds of (bandwidth probe, timed generation)"
+        "--probe-every",
+        type=int,
+        help="decoded tokens between bandwidth probes (default: the config's; 0: only before "
+        "and after each generation)",
     )
     args = parser.parse_args()
     if args.worker:
         result = worker(
-            args.worker, args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.rounds
+            args.worker,
+            args.model_dir,
+            args.prompt_len,
+            args.new_tokens,
+            args.dtype,
+            args.rounds,
+            args.probe_every or 0,
         )
         print(json.dumps(result))
         return
@@ -239,7 +292,7 @@ def main() -> None:
         print(line)
     print(
         f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
-        f"medians over {args.rounds} rounds of (bandwidth probe, generation)\n"
+        f"{args.rounds} timed generations each, bandwidth probed between stretches of decoding\n"
     )
     print(
         "| config | dtype | impl | prefill tok/s | decode tok/s | decode vs transformers | "
@@ -257,23 +310,24 @@ def main() -> None:
             )
             rows = {}
             for impl in ("transformers", "ours"):
-                r = run_worker(impl, model_dir, args, spec["dtype"])
-                per_round = r["rounds"]
+                every = spec["probe_every"] if args.probe_every is None else args.probe_every
+                r = run_worker(impl, model_dir, args, spec["dtype"], every)
+                segs = r["segments"]
+                ratios = [
+                    x["tokens"] / x["seconds"] * bytes_per_token / (x["gbs"] * 1e9) for x in segs
+                ]
                 rows[impl] = {
-                    key: statistics.median(x[key] for x in per_round)
-                    for key in ("gbs", "prefill_tok_s", "decode_tok_s")
+                    "prefill_tok_s": r["prefill_tok_s"],
+                    "decode_tok_s": sum(x["tokens"] for x in segs) / sum(x["seconds"] for x in segs),
+                    "gbs": statistics.median(x["gbs"] for x in segs),
+                    "of_limit": statistics.median(ratios),
+                    "peak_rss_gib": r["peak_rss_gib"],
                 }
-                rows[impl]["of_limit"] = statistics.median(
-                    x["decode_tok_s"] * bytes_per_token / (x["gbs"] * 1e9) for x in per_round
-                )
-                rows[impl]["peak_rss_gib"] = r["peak_rss_gib"]
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
                 notes.append(
-                    f"- {name} {impl}, each round's probe -> decode: "
-                    + ", ".join(
-                        f"{x['gbs']:.1f} GB/s -> {x['decode_tok_s']:.2f} tok/s "
-                        f"({x['decode_tok_s'] * bytes_per_token / (x['gbs'] * 1e9):.0%})"
-                        for x in per_round
-                    )
+                    f"- {name} {impl}: {len(segs)} stretches of decoding between probes; decode / "
+                    f"limit per stretch: min {min(ratios):.0%}, quartiles {q[0]:.0%} "
+                    f"{q[1]:.0%} {q[2]:.0%}, max {max(ratios):.0%}"
                 )
         anchor = rows["transformers"]["decode_tok_s"]
         for impl, r in rows.items():

@@ -17,7 +17,10 @@ position p attends to cache entries 0..p of its own row only, and padding writte
 is overwritten before it is ever attended to.
 
 Linear layers are `kernels.Linear` (an nn.Linear): decode-shaped matmuls on CPU go through a kernel
-that streams the weights at memory speed; everything else is F.linear.
+that streams the weights at memory speed; everything else is F.linear. A one-token inference step
+with a KV cache on CPU (fp32/bf16, up to kernels.MAX_ROWS sequences) skips the modules altogether:
+`kernels.DecodeStep` runs the whole step, the same math, in one call (forward hooks on submodules
+do not fire there). The modules below stay the definition, and the path for everything else.
 """
 
 from __future__ import annotations
