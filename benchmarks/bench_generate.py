@@ -145,7 +145,7 @@ class Clock:
             self.marks.append((decoded, self.probe()))
         return [
             {"tokens": c1 - c0, "seconds": sum(self.durations[1 + c0 : 1 + c1]), "gbs": max(g0, g1)}
-            for (c0, g0), (c1, g1) in zip(self.marks, self.marks[1:])
+            for (c0, g0), (c1, g1) in zip(self.marks, self.marks[1:], strict=False)
         ]
 
 
@@ -318,7 +318,8 @@ def main() -> None:
                 ]
                 rows[impl] = {
                     "prefill_tok_s": r["prefill_tok_s"],
-                    "decode_tok_s": sum(x["tokens"] for x in segs) / sum(x["seconds"] for x in segs),
+                    "decode_tok_s": sum(x["tokens"] for x in segs)
+                    / sum(x["seconds"] for x in segs),
                     "gbs": statistics.median(x["gbs"] for x in segs),
                     "of_limit": statistics.median(ratios),
                     "peak_rss_gib": r["peak_rss_gib"],
@@ -338,6 +339,7 @@ def main() -> None:
                 f"{limit:.2f} | {r['of_limit']:.0%} | {r['peak_rss_gib']:.2f} |"
             )
     print("\n" + "\n".join(notes))
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """The CPU decode kernels: same results as torch's ops, used only where they may be, and a model
 that decodes the same with them as without them."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -223,7 +224,7 @@ def test_bf16_model_decoding_stays_within_bf16_error_of_fp32():
     [(("-mno-avx512bf16",), 2), (("-mno-avx512f",), 1)],
     ids=["avx512", "avx2"],
 )
-def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa):
+def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa, monkeypatch):
     """The variants other CPUs get, built and run here (this CPU runs the lower ISAs too)."""
     if isa >= kernels.library().isa:
         pytest.skip("this CPU builds that variant by default (tested above)")
@@ -249,6 +250,11 @@ def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa):
     cos, sin = emb.cos()[:, None], emb.sin()[:, None]
     expected = apply_rotary(x.transpose(1, 2), cos, sin)
     assert torch.equal(kernels.rotary_(lib, x.clone(), cos, sin).transpose(1, 2), expected)
+    monkeypatch.setattr(kernels, "library", lambda: lib)  # the whole decode step, this variant
+    for dtype in (torch.float32, torch.bfloat16):
+        ids, pos = torch.tensor([[5], [9]]), torch.tensor([[3], [6]])
+        fused, plain, *_ = decode_both(tiny_model(dtype), ids, pos, None, 2, 8, monkeypatch)
+        assert_logits_close(fused, plain, dtype)
 
 
 def test_build_compiles_once_into_the_given_directory(tmp_path):
@@ -365,7 +371,9 @@ def test_decode_step_matches_the_modules(
     row_ids = torch.arange(cache_rows)[rows] if isinstance(rows, slice) else rows
     written = torch.zeros(cache_rows, cache_len, dtype=torch.bool)
     written[row_ids, pos[:, 0]] = True
-    for i, (a, b, o) in enumerate(zip(fused_cache.layers, plain_cache.layers, original.layers)):
+    for i, (a, b, o) in enumerate(
+        zip(fused_cache.layers, plain_cache.layers, original.layers, strict=True)
+    ):
         for got, expected, before in ((a.k, b.k, o.k), (a.v, b.v, o.v)):
             mask = written[:, None, :, None].expand_as(got)
             assert torch.equal(got[~mask], before[~mask]), f"layer {i}: wrote outside its slots"
@@ -415,6 +423,20 @@ def test_decode_step_follows_weights_changed_in_place_replaced_or_converted(monk
 
 
 @needs_kernels
+def test_a_model_and_cache_copied_after_decoding_decode_the_same():
+    model = tiny_model(torch.float32)
+    cache = random_cache(model, 1, 8, seed=0)
+    ids, pos = torch.tensor([[7]]), torch.tensor([[3]])
+    with torch.inference_mode():
+        model(ids, pos, cache)
+    model2, cache2 = copy.deepcopy((model, cache))
+    with torch.inference_mode():
+        first, second = model(ids, pos + 1, cache), model2(ids, pos + 1, cache2)
+    assert torch.equal(first, second)
+    assert cache2.__dict__["decode_step"].owner() is model2
+
+
+@needs_kernels
 def test_decode_step_steps_aside_where_it_must_not_run(monkeypatch):
     """Too many rows, fp16, autograd: the modules run (and a gradient flows)."""
     for dtype, batch in ((torch.bfloat16, kernels.MAX_ROWS[torch.bfloat16] + 1), (torch.half, 1)):
@@ -449,4 +471,4 @@ def test_decode_step_rejects_out_of_range_input_and_writes_nothing():
         for ids, pos, rows in bad:
             with pytest.raises(IndexError, match="decode step out of range"):
                 model(ids, pos, cache, rows=rows)
-    assert all(torch.equal(layer.k, b) for layer, b in zip(cache.layers, before))
+    assert all(torch.equal(layer.k, b) for layer, b in zip(cache.layers, before, strict=True))

@@ -343,7 +343,7 @@ class GemmaForCausalLM(nn.Module):
 
     def _make_decode_step(self, cache: KVCache) -> kernels.DecodeStep | None:
         layers = []
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
+        for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
             params = dict(layer.named_parameters())
             parts = [params.get(name) for name in kernels.LAYER_PARTS[:-2]]
             if len(params) != len(parts) or None in parts:  # e.g. biases added to a layer

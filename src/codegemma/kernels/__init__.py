@@ -74,7 +74,13 @@ def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> P
     flags = (*CFLAGS, *extra_flags)
     key = hashlib.sha256(
         b"\0".join(
-            [SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), cc.encode(), " ".join(flags).encode(), _cpu_key().encode()]
+            [
+                SOURCE.read_bytes(),
+                *(h.read_bytes() for h in HEADERS),
+                cc.encode(),
+                " ".join(flags).encode(),
+                _cpu_key().encode(),
+            ]
         )
     ).hexdigest()[:16]
     out = (directory or cache_dir()) / key / "libcodegemma_cpu.so"
@@ -329,6 +335,9 @@ class DecodeStep:
         self._registrations = _registrations
         self._scratch: dict[int, Tensor] = {}
 
+    def __reduce__(self):  # copies and pickles of a cache carry no step (ctypes pointers can't be
+        return type(None), ()  # copied, and a copy's tensors live elsewhere): it is made afresh
+
     def current(self) -> bool:
         return self._registrations == _registrations and self._ptrs == [
             t.data_ptr() for t in self.tensors
@@ -341,7 +350,7 @@ class DecodeStep:
         [B, head_dim] in the dtype. Returns logits [B, vocab]. IndexError when a token, position
         or row is out of range (nothing is written then)."""
         B = tokens.shape[0]
-        if B > MAX_ROWS[self.dtype]:
+        if MAX_ROWS[self.dtype] < B:
             raise ValueError(f"a decode step takes at most {MAX_ROWS[self.dtype]} rows, got {B}")
         scratch = self._scratch.get(B)
         if scratch is None:
