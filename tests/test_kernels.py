@@ -385,6 +385,29 @@ def test_decode_step_matches_the_modules(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_with_a_team_of_threads_and_long_rows(dtype, batch, monkeypatch):
+    """A layer large enough that the step runs on two threads, with an MLP whose down_proj rows
+    (8200 values) go two at a time: the same as the modules."""
+    config = ModelConfig.preset("tiny").replace(
+        hidden_size=128, intermediate_size=8200, num_key_value_heads=1, head_dim=32
+    )
+    model = GemmaForCausalLM(config).init_weights(std=0.1, seed=3).to(dtype).eval()
+    ids = torch.randint(
+        0, config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(3)
+    )
+    pos = torch.arange(batch)[:, None] * 5 + 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused, plain, *_ = decode_both(model, ids, pos, None, batch, 16, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert_logits_close(fused, plain, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_decoding_is_the_same_fused_and_through_the_modules(dtype, monkeypatch):
     model = tiny_model(dtype)
     g = torch.Generator().manual_seed(2)
