@@ -480,6 +480,26 @@ def test_decode_step_steps_aside_where_it_must_not_run(monkeypatch):
 
 
 @needs_kernels
+def test_a_model_the_step_cannot_run_is_refused_once_and_decodes_through_the_modules(monkeypatch):
+    model = tiny_model(torch.float32)
+    down = model.model.layers[0].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.randn(down.out_features))  # not Gemma's: no kernel for it
+    made = []
+    make = GemmaForCausalLM._make_decode_step
+    monkeypatch.setattr(
+        GemmaForCausalLM, "_make_decode_step", lambda self, c: made.append(1) or make(self, c)
+    )
+    cache, plain_cache = model.new_cache(1, 8), model.new_cache(1, 8)
+    with torch.inference_mode():
+        outs = [model(torch.tensor([[4]]), torch.tensor([[p]]), cache) for p in range(3)]
+        assert len(made) == 1 and not cache.__dict__["decode_step"]
+        modules_only(monkeypatch)
+        plain = [model(torch.tensor([[4]]), torch.tensor([[p]]), plain_cache) for p in range(3)]
+    for a, b in zip(outs, plain, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
 def test_decode_step_rejects_out_of_range_input_and_writes_nothing():
     model = tiny_model(torch.float32)
     cache = random_cache(model, 2, 8, seed=0)

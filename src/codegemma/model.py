@@ -327,17 +327,19 @@ class GemmaForCausalLM(nn.Module):
         when it may run: inference on CPU (no autograd, not compiling), fp32 or bf16 weights and
         cache of one dtype, at most MAX_ROWS[dtype] rows. None: run the modules. (Forward hooks
         on submodules do not run inside it.)"""
-        dtype = self.model.embed_tokens.weight.dtype
+        weight = self.model.embed_tokens.weight
         if (
-            batch > kernels.MAX_ROWS.get(dtype, 0)
+            batch > kernels.MAX_ROWS.get(weight.dtype, 0)
+            or not weight.is_cpu
             or kernels.library() is None
             or torch.compiler.is_compiling()
         ):
             return None
         step = cache.__dict__.get("decode_step")
         if step is None or step.owner() is not self or not step.current():
-            step = cache.__dict__["decode_step"] = self._make_decode_step(cache)
-        if step is None or (step.requires_grad and torch.is_grad_enabled()):
+            step = self._make_decode_step(cache) or kernels.NoDecodeStep(self)
+            cache.__dict__["decode_step"] = step  # a refusal too, so it is not tried every step
+        if not step or (step.requires_grad and torch.is_grad_enabled()):
             return None
         return step
 

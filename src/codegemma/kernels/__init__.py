@@ -301,6 +301,24 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
 
 
+class NoDecodeStep:
+    """What GemmaForCausalLM keeps when its step cannot be fused (e.g. a layer with a bias, a
+    cache of another dtype), so that it does not look again every step; falsy. Stale, like a
+    DecodeStep, once any module registers a parameter or buffer."""
+
+    requires_grad = False
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = weakref.ref(owner)
+        self._registrations = _registrations
+
+    def __bool__(self) -> bool:
+        return False
+
+    def current(self) -> bool:
+        return self._registrations == _registrations
+
+
 class DecodeStep:
     """A whole decode step of a Gemma model with its KV cache in one kernel call (cpu.c's
     codegemma_decode): for B <= MAX_ROWS[dtype] sequences, one new token each, the embedding,
