@@ -71,6 +71,26 @@ def test_gemv_bf16_is_one_rounding_of_the_exact_product(m, n, k, seed):
 
 
 @needs_kernels
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    m=st.integers(2, kernels.MAX_ROWS[torch.float32]),
+    n=st.integers(1, 13),  # blocks of 4 weight rows, and the rows left over
+    k=st.integers(2048, 2100),  # long enough for the several-rows path, with tails
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_several_rows_against_long_weight_rows(dtype, m, n, k, seed):
+    m = min(m, kernels.MAX_ROWS[dtype])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    exact = reference(x, w)
+    err = (kernels.gemv(x, w).double() - exact).abs()
+    eps = 1e-5 if dtype == torch.float32 else BF16_EPS
+    assert (err <= eps * exact.abs() + 1e-5 * k).all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_long_rows_like_7b_down_proj(dtype):
     """K = 24576 (7B's intermediate size) + a tail: rows longer than L1, every activation row."""
@@ -338,7 +358,7 @@ def assert_logits_close(fused, plain, dtype):
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     heads=st.sampled_from([(4, 1), (4, 2), (2, 2), (6, 3)]),  # MQA, GQA, MHA
     head_dim=st.sampled_from([6, 16, 40, 72]),  # tails shorter than a vector, and longer
-    batch=st.integers(1, 4),
+    batch=st.integers(1, 8),  # fp32: up to two passes of MCHUNK activation rows
     spare_rows=st.integers(0, 3),
     scattered=st.booleans(),
     cache_len=st.integers(1, 40),
@@ -350,6 +370,7 @@ def test_decode_step_matches_the_modules(
     """Any rows of the cache (a slice, or scattered ids), each at its own position: the same
     logits as the module path, the same keys/values written at exactly (row, position) of every
     layer, and nothing else in the cache touched."""
+    batch = min(batch, kernels.MAX_ROWS[dtype])
     config = ModelConfig.preset("tiny").replace(
         num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim
     )
@@ -386,11 +407,15 @@ def test_decode_step_matches_the_modules(
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_step_with_a_team_of_threads_and_long_rows(dtype, batch, monkeypatch):
-    """A layer large enough that the step runs on two threads, with an MLP whose down_proj rows
-    (8200 values) go two at a time: the same as the modules."""
+@pytest.mark.parametrize("hidden, intermediate", [(128, 8200), (2048, 72)])
+def test_decode_step_with_a_team_of_threads_and_long_rows(
+    dtype, batch, hidden, intermediate, monkeypatch
+):
+    """Layers large enough that the step runs on two threads, with long weight rows: down_proj's
+    (8200 values: two at a time for one row, blocks of rows for several), or every matrix reading
+    the 2048-wide hidden state (blocks of rows, gate/up's product included): as the modules."""
     config = ModelConfig.preset("tiny").replace(
-        hidden_size=128, intermediate_size=8200, num_key_value_heads=1, head_dim=32
+        hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=1, head_dim=32
     )
     model = GemmaForCausalLM(config).init_weights(std=0.1, seed=3).to(dtype).eval()
     ids = torch.randint(
