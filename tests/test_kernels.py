@@ -406,22 +406,24 @@ def test_decode_step_matches_the_modules(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("hidden, intermediate", [(128, 8200), (2048, 72)])
+@pytest.mark.parametrize(
+    "hidden, intermediate, head_dim, batch",
+    [(128, 8200, 32, 1), (128, 8200, 32, 3), (2048, 2048, 512, 3), (2048, 2048, 512, 8)],
+)
 def test_decode_step_with_a_team_of_threads_and_long_rows(
-    dtype, batch, hidden, intermediate, monkeypatch
+    dtype, hidden, intermediate, head_dim, batch, monkeypatch
 ):
     """Layers large enough that the step runs on two threads, with long weight rows: down_proj's
-    (8200 values: two at a time for one row, blocks of rows for several), or every matrix reading
-    the 2048-wide hidden state (blocks of rows, gate/up's product included): as the modules."""
+    (8200 values: two at a time for one row, blocks of rows for several), or every matrix's (2048:
+    blocks of rows, gate/up's product included, and up to MAX_ROWS_WIDE rows): as the modules."""
     config = ModelConfig.preset("tiny").replace(
-        hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=1, head_dim=32
+        hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=1, head_dim=head_dim
     )
     model = GemmaForCausalLM(config).init_weights(std=0.1, seed=3).to(dtype).eval()
     ids = torch.randint(
         0, config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(3)
     )
-    pos = torch.arange(batch)[:, None] * 5 + 2
+    pos = (torch.arange(batch)[:, None] * 5 + 2) % 16
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -482,6 +484,12 @@ def test_a_model_and_cache_copied_after_decoding_decode_the_same():
         first, second = model(ids, pos + 1, cache), model2(ids, pos + 1, cache2)
     assert torch.equal(first, second)
     assert cache2.__dict__["decode_step"].owner() is model2
+
+
+def test_rows_the_kernel_takes_depend_on_the_dtype_and_the_row_length():
+    assert kernels.max_rows(torch.bfloat16, 2047) == kernels.MAX_ROWS[torch.bfloat16] == 4
+    assert kernels.max_rows(torch.bfloat16, 2048) == kernels.MAX_ROWS_WIDE[torch.bfloat16] == 8
+    assert kernels.max_rows(torch.float32, 256) == 16 and kernels.max_rows(torch.half, 4096) == 0
 
 
 @needs_kernels

@@ -18,7 +18,7 @@ is overwritten before it is ever attended to.
 
 Linear layers are `kernels.Linear` (an nn.Linear): decode-shaped matmuls on CPU go through a kernel
 that streams the weights at memory speed; everything else is F.linear. A one-token inference step
-with a KV cache on CPU (fp32/bf16, up to kernels.MAX_ROWS sequences) skips the modules altogether:
+with a KV cache on CPU (fp32/bf16, up to kernels.max_rows sequences) skips the modules altogether:
 `kernels.DecodeStep` runs the whole step, the same math, in one call (forward hooks on submodules
 do not fire there). The modules below stay the definition, and the path for everything else.
 """
@@ -325,11 +325,12 @@ class GemmaForCausalLM(nn.Module):
     def _decode_step(self, cache: KVCache, batch: int) -> kernels.DecodeStep | None:
         """The whole one-token step in one kernel call (kernels.DecodeStep), made once per cache,
         when it may run: inference on CPU (no autograd, not compiling), fp32 or bf16 weights and
-        cache of one dtype, at most MAX_ROWS[dtype] rows. None: run the modules. (Forward hooks
+        cache of one dtype, at most kernels.max_rows rows. None: run the modules. (Forward hooks
         on submodules do not run inside it.)"""
-        weight = self.model.embed_tokens.weight
+        weight, c = self.model.embed_tokens.weight, self.config
+        shortest = min(c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)
         if (
-            batch > kernels.MAX_ROWS.get(weight.dtype, 0)
+            batch > kernels.max_rows(weight.dtype, shortest)
             or not weight.is_cpu
             or kernels.library() is None
             or torch.compiler.is_compiling()

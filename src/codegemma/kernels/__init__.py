@@ -42,6 +42,10 @@ SOURCE = Path(__file__).with_name("cpu.c")  # includes cpu_typed.h, once per dty
 HEADERS = (SOURCE.with_name("cpu_typed.h"),)
 # Activation rows per call, by dtype: above these torch's GEMM is as fast (bench_gemv.py --rows).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
+# The same against weight rows of at least WIDE_K values, which cpu.c reads in blocks of rows
+# when there are several activation rows (its KWIDE): bf16 still wins at 8 (bench_gemv.py, 2b).
+WIDE_K = 2048
+MAX_ROWS_WIDE = {torch.float32: 16, torch.bfloat16: 8}
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512-bf16"}
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -197,9 +201,15 @@ def usable(*tensors: Tensor) -> _Library | None:
     return library()
 
 
+def max_rows(dtype: torch.dtype, k: int) -> int:
+    """How many activation rows the kernel takes against weight rows of k values (0: none)."""
+    return (MAX_ROWS_WIDE if k >= WIDE_K else MAX_ROWS).get(dtype, 0)
+
+
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., K] @ weight[N, K]^T with the kernel: CPU, fp32 or bf16 (both the same), at most
-    MAX_ROWS[dtype] rows in x. Raises ValueError otherwise, or RuntimeError when kernels are off."""
+    max_rows(dtype, K) rows in x. Raises ValueError otherwise, or RuntimeError when kernels are
+    off."""
     lib = library()
     if lib is None:
         raise RuntimeError("codegemma kernels are not available here; use F.linear")
@@ -212,10 +222,10 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
         or not weight.is_cpu
         or weight.dim() != 2
         or x.shape[-1] != weight.shape[1]
-        or x.numel() > MAX_ROWS[x.dtype] * x.shape[-1]
+        or x.numel() > max_rows(x.dtype, x.shape[-1]) * x.shape[-1]
     ):
         raise ValueError(
-            f"gemv takes CPU x [<= {MAX_ROWS[x.dtype]} rows, K] and weight [N, K], "
+            f"gemv takes CPU x [<= {max_rows(x.dtype, x.shape[-1])} rows, K] and weight [N, K], "
             f"got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     return _gemv(lib, x.contiguous(), weight.contiguous())
@@ -237,7 +247,8 @@ def _gemv(lib: _Library, x: Tensor, weight: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through the kernel for few rows (decoding); F.linear itself otherwise."""
-    if x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1] and (lib := usable(x, weight)):
+    k = x.shape[-1]
+    if x.numel() <= max_rows(x.dtype, k) * k and (lib := usable(x, weight)):
         y = _gemv(lib, x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
@@ -301,6 +312,11 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
 
 
+def shortest_row(dims: ModelDims) -> int:
+    """The shortest weight row a decode step reads: the smallest K of its matrices."""
+    return min(dims.hidden, dims.heads * dims.head_dim, dims.intermediate)
+
+
 class NoDecodeStep:
     """What GemmaForCausalLM keeps when its step cannot be fused (e.g. a layer with a bias, a
     cache of another dtype), so that it does not look again every step; falsy. Stale, like a
@@ -321,7 +337,7 @@ class NoDecodeStep:
 
 class DecodeStep:
     """A whole decode step of a Gemma model with its KV cache in one kernel call (cpu.c's
-    codegemma_decode): for B <= MAX_ROWS[dtype] sequences, one new token each, the embedding,
+    codegemma_decode): for B <= `max_rows` sequences, one new token each, the embedding,
     every layer (norms, q/k/v, rotary, cache write, attention over each row's cached positions,
     o, MLP, residuals), the final norm and the output head, all in one OpenMP team, with the
     roundings of the torch modules (the matmuls' and the softmax's sums in another order).
@@ -349,6 +365,7 @@ class DecodeStep:
         self._lib, self._dims, self.dtype = lib, dims, embed.dtype
         self._fn = lib.fns["decode"][self.dtype]
         self.requires_grad = any(t.requires_grad for t in self.tensors)
+        self.max_rows = max_rows(self.dtype, shortest_row(dims))
         self.owner = weakref.ref(owner)
         self._registrations = _registrations
         self._scratch: dict[int, Tensor] = {}
@@ -368,8 +385,8 @@ class DecodeStep:
         [B, head_dim] in the dtype. Returns logits [B, vocab]. IndexError when a token, position
         or row is out of range (nothing is written then)."""
         B = tokens.shape[0]
-        if MAX_ROWS[self.dtype] < B:
-            raise ValueError(f"a decode step takes at most {MAX_ROWS[self.dtype]} rows, got {B}")
+        if self.max_rows < B:
+            raise ValueError(f"this decode step takes at most {self.max_rows} rows, got {B}")
         scratch = self._scratch.get(B)
         if scratch is None:
             size = self._lib.scratch_bytes(ctypes.byref(self._dims), B)
