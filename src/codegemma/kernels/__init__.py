@@ -42,8 +42,8 @@ SOURCE = Path(__file__).with_name("cpu.c")  # includes cpu_typed.h, once per dty
 HEADERS = (SOURCE.with_name("cpu_typed.h"),)
 # Activation rows per call, by dtype: above these torch's GEMM is as fast (bench_gemv.py --rows).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
-# The same against weight rows of at least WIDE_K values, which cpu.c reads in blocks of rows
-# when there are several activation rows (its KWIDE): bf16 still wins at 8 (bench_gemv.py, 2b).
+# The same against weight rows of at least WIDE_K values (cpu.c's KWIDE), which cpu.c reads in
+# blocks of rows when there are several activation rows: bf16 still wins at 8 (bench_gemv.py, 2b).
 WIDE_K = 2048
 MAX_ROWS_WIDE = {torch.float32: 16, torch.bfloat16: 8}
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")

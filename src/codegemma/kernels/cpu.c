@@ -110,18 +110,18 @@ static inline float vsum(__m256 a) {
 
 /* s[r][m] = w_r . x[m] (fp32 sums) for R weight rows w_0, w_1, ... of K values (each read once,
  * front to back: the access order the hardware prefetcher follows best) and MB <= MCHUNK
- * activation rows x[m] = x + m * K. w_1 is given (gate/up pairs were once read side by side);
- * rows past it are w_0 + r * K. R > 1 serves R rows with each load of x: long rows (K > KLONG),
- * whose x no longer fits in L1 beside the weight stream, go two at a time, and with several
- * activation rows RMAX at a time (gemv_share_wide). R and MB are compile-time constants at every
- * call site, so the loops unroll into registers. */
+ * activation rows x[m] = x + m * K. w_1 is passed (w_0 + K wherever R > 1), rows past it are
+ * w_0 + r * K. R > 1 serves R rows with each load of x: long rows (K > KLONG), whose x no longer
+ * fits in L1 beside the weight stream, go two at a time, and with several activation rows RMAX at
+ * a time (gemv_share_wide). R and MB are compile-time constants at every call site, so the loops
+ * unroll into registers. */
 #define FMA_ROWS(LOAD)                                                              \
-    vec acc[RMAX][MCHUNK];                                                             \
+    vec acc[RMAX][MCHUNK];                                                          \
     for (int r = 0; r < R; r++)                                                     \
         for (int m = 0; m < MB; m++) acc[r][m] = vzero();                           \
     int64_t k = 0;                                                                  \
     for (; k + VLEN <= K; k += VLEN) {                                              \
-        vec wv[RMAX];                                                                  \
+        vec wv[RMAX];                                                               \
         for (int r = 0; r < R; r++) wv[r] = LOAD(wr[r] + k);                        \
         for (int m = 0; m < MB; m++) {                                              \
             vec xv = LOAD(x + m * K + k);                                           \
@@ -197,7 +197,8 @@ ALWAYS_INLINE void dots_bf16(const uint16_t *x, const uint16_t *w0, const uint16
 /* Several activation rows against rows at least this long take RMAX weight rows per pass
  * (gemv_share_wide): 1.2-1.5x faster than one at a time for 4-8 rows of 2B's shapes; on short rows
  * (K = 256) no faster. */
-#define KWIDE 2048
+#define KWIDE 2048 /* kernels/__init__.py's WIDE_K */
+#define WIDE(M, K) ((M) > 1 && (K) >= KWIDE)
 
 #endif /* ISA > 0 */
 

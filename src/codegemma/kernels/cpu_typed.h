@@ -58,7 +58,7 @@ void FN(codegemma_rotary)(T *x, const T *cos, const T *sin, int64_t rows, int64_
 
 #if ISA > 0
 
-/* gemv_share (below) for several activation rows against long rows (M > 1, K >= KWIDE): blocks of
+/* gemv_share (below) for several activation rows against long rows (WIDE(M, K)): blocks of
  * RMAX weight rows (the last rows one by one), so each load of x serves RMAX multiply-adds. With
  * `gelu_into`, y (holding the MLP's gate output) becomes round(round(gelu(y)) * round(x . w)), the
  * product with up, rounded as torch rounds it. Kept apart from the one-row loop: folded into it,
@@ -93,7 +93,7 @@ static void FN(gemv_share_wide)(const T *x, const T *w, T *y, int64_t M, int64_t
  * A work-sharing loop without a barrier: called inside a parallel region, the caller places the
  * barriers; outside one, the calling thread does all of it. */
 static void FN(gemv_share)(const T *x, const T *w, T *y, int64_t M, int64_t N, int64_t K) {
-    if (M > 1 && K >= KWIDE) {
+    if (WIDE(M, K)) {
         FN(gemv_share_wide)(x, w, y, M, N, K, 0);
         return;
     }
@@ -120,7 +120,7 @@ static void FN(gemv_share)(const T *x, const T *w, T *y, int64_t M, int64_t N, i
  * side by side). */
 static void FN(gate_up_share)(const T *x, const T *gate, const T *up, T *act, int64_t M, int64_t F,
                               int64_t K) {
-    if (M > 1 && K >= KWIDE) { /* both passes the same loop, so the same rows per thread */
+    if (WIDE(M, K)) { /* both passes the same loop, so the same rows per thread */
         FN(gemv_share_wide)(x, gate, act, M, F, K, 0);
         FN(gemv_share_wide)(x, up, act, M, F, K, 1);
         return;
