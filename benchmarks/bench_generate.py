@@ -3,8 +3,8 @@
 For each config (tiny: weights in cache, the step is all per-token overhead; small: 19 MB of fp32
 weights, overhead plus memory traffic; the CodeGemma 2B shape: reading the weights dominates) a
 random-weight checkpoint is written once, then each implementation runs in its own subprocess (so
-peak RSS is its own): greedy, batch 1, a fixed prompt, no early stop, --rounds generations. Every
-token is timed on its own (our engine's steps; transformers' streamer), so
+peak RSS is its own): greedy, batch 1 (see --batch), a fixed prompt, no early stop, --rounds
+generations. Every token is timed on its own (our engine's steps; transformers' streamer), so
   prefill tok/s = prompt tokens / time to the first new token (median over the generations)
   decode tok/s  = tokens decoded / time spent decoding them (all generations)
 The decode limit is the machine's memory bandwidth / bytes of weights read per token. On a shared
@@ -14,8 +14,12 @@ streaming reads of 1 GiB, see memory_bandwidth_gbs) before each generation, afte
 the higher of the two, and "% of limit" is the median over the stretches (their spread is printed
 below the table).
 
+With --batch B, B prompts of one length are decoded together (one step reads the weights once
+for all of them): tok/s count every row's tokens, and the limit is B x bandwidth / bytes per step.
+
     python benchmarks/bench_generate.py                  # tiny, small and 2b (bf16)
     python benchmarks/bench_generate.py --configs 2b --rounds 9
+    python benchmarks/bench_generate.py --configs 2b --batch 8 --prompt-len 32 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def worker(
     dtype: str,
     rounds: int,
     probe_every: int,
+    batch: int,
 ) -> dict:
     torch.manual_seed(0)
     buffer = None
@@ -171,14 +176,17 @@ def worker(
         model, config = load_model(model_dir, dtype=getattr(torch, dtype), device="cpu")
         # token ids only (random weights, no tokenizer); no prefix cache: every generation
         # prefills its prompt again, as transformers' generate does
-        engine = Engine(model, max_batch_size=1, prefix_cache=False)
-        prompt = torch.randint(200, config.vocab_size, (prompt_len,)).tolist()
+        engine = Engine(
+            model, max_batch_size=batch, prefix_cache=False, prefill_tokens=batch * prompt_len
+        )
+        prompts = torch.randint(200, config.vocab_size, (batch, prompt_len)).tolist()
 
         def run(n: int) -> Clock:
-            engine.submit(prompt, SamplingParams(max_new_tokens=n))
+            for prompt in prompts:
+                engine.submit(prompt, SamplingParams(max_new_tokens=n))
             clock = Clock(probe, probe_every)
             while engine.has_work():
-                engine.step()  # the first step prefills, each later one decodes a token
+                engine.step()  # the first step prefills (all rows), each later one decodes a token
                 clock.tick()
             assert len(clock.durations) == n
             return clock
@@ -190,7 +198,7 @@ def worker(
         )
         model.eval()
         vocab = model.config.vocab_size
-        ids = torch.randint(200, vocab, (1, prompt_len))
+        ids = torch.randint(200, vocab, (batch, prompt_len))
 
         def run(n: int) -> Clock:
             clock = Clock(probe, probe_every, started=False)
@@ -241,6 +249,8 @@ def run_worker(impl: str, model_dir: Path, args, dtype: str, probe_every: int) -
         str(args.rounds),
         "--probe-every",
         str(probe_every),
+        "--batch",
+        str(args.batch),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -255,6 +265,9 @@ def main() -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3, help="timed generations")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="sequences decoded together (prompts of one length)"
+    )
     parser.add_argument(
         "--probe-every",
         type=int,
@@ -271,6 +284,7 @@ def main() -> None:
             args.dtype,
             args.rounds,
             args.probe_every or 0,
+            args.batch,
         )
         print(json.dumps(result))
         return
@@ -291,7 +305,8 @@ def main() -> None:
             line += f", codegemma kernel {gemv_bandwidth_gbs(dtype, kernels.gemv):.1f} GB/s"
         print(line)
     print(
-        f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch 1; "
+        f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, batch "
+        f"{args.batch}; "
         f"{args.rounds} timed generations each, bandwidth probed between stretches of decoding\n"
     )
     print(
@@ -305,7 +320,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
             model_dir = make_checkpoint(name, Path(tmp) / name)
             config = ModelConfig.load(model_dir)
-            bytes_per_token = (
+            # a step reads the weights once for all rows of the batch
+            bytes_per_step = (
                 config.num_parameters * torch.finfo(getattr(torch, spec["dtype"])).bits / 8
             )
             rows = {}
@@ -314,11 +330,12 @@ def main() -> None:
                 r = run_worker(impl, model_dir, args, spec["dtype"], every)
                 segs = r["segments"]
                 ratios = [
-                    x["tokens"] / x["seconds"] * bytes_per_token / (x["gbs"] * 1e9) for x in segs
+                    x["tokens"] / x["seconds"] * bytes_per_step / (x["gbs"] * 1e9) for x in segs
                 ]
                 rows[impl] = {
-                    "prefill_tok_s": r["prefill_tok_s"],
-                    "decode_tok_s": sum(x["tokens"] for x in segs)
+                    "prefill_tok_s": r["prefill_tok_s"] * args.batch,
+                    "decode_tok_s": args.batch
+                    * sum(x["tokens"] for x in segs)
                     / sum(x["seconds"] for x in segs),
                     "gbs": statistics.median(x["gbs"] for x in segs),
                     "of_limit": statistics.median(ratios),
@@ -332,7 +349,7 @@ def main() -> None:
                 )
         anchor = rows["transformers"]["decode_tok_s"]
         for impl, r in rows.items():
-            limit = r["gbs"] * 1e9 / bytes_per_token
+            limit = args.batch * r["gbs"] * 1e9 / bytes_per_step
             print(
                 f"| {name} | {spec['dtype']} | {impl} | {r['prefill_tok_s']:.1f} | "
                 f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] / anchor:.2f}x | {r['gbs']:.1f} | "
