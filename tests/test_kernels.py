@@ -405,6 +405,27 @@ def test_decode_step_matches_the_modules(
 
 
 @needs_kernels
+@pytest.mark.parametrize("heads", [(4, 1), (4, 2)])
+def test_decode_step_rounds_where_the_modules_round(heads, monkeypatch):
+    """At position 0 attention reads one key (its softmax is exactly 1) and every other piece is
+    the same kernel in both paths, so in bf16 only a tanh ulp could tell the two apart: the logits
+    agree bit for bit (here all of them; a missing rounding, e.g. of gelu's output, changes most)."""
+    differ = []
+    for seed in range(6):
+        config = ModelConfig.preset("tiny").replace(
+            num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=40
+        )
+        model = GemmaForCausalLM(config).init_weights(std=0.3, seed=seed).bfloat16().eval()
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (3, 1), generator=g)
+        fused, plain, *_ = decode_both(
+            model, ids, torch.zeros(3, 1, dtype=torch.long), None, 3, 8, monkeypatch, seed
+        )
+        differ.append((fused != plain).float().mean().item())
+    assert max(differ) <= 0.005, differ
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "hidden, intermediate, head_dim, batch",
