@@ -409,7 +409,8 @@ def test_decode_step_matches_the_modules(
 def test_decode_step_rounds_where_the_modules_round(heads, monkeypatch):
     """At position 0 attention reads one key (its softmax is exactly 1) and every other piece is
     the same kernel in both paths, so in bf16 only a tanh ulp could tell the two apart: the logits
-    agree bit for bit (here all of them; a missing rounding, e.g. of gelu's output, changes most)."""
+    agree bit for bit (here all of them; a missing rounding, e.g. of gelu's output, changes most).
+    This pins every rounding but those inside the softmax."""
     differ = []
     for seed in range(6):
         config = ModelConfig.preset("tiny").replace(
