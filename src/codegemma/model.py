@@ -327,20 +327,14 @@ class GemmaForCausalLM(nn.Module):
         when it may run: inference on CPU (no autograd, not compiling), fp32 or bf16 weights and
         cache of one dtype, at most kernels.max_rows rows. None: run the modules. (Forward hooks
         on submodules do not run inside it.)"""
-        weight, c = self.model.embed_tokens.weight, self.config
-        shortest = min(c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)
-        if (
-            batch > kernels.max_rows(weight.dtype, shortest)
-            or not weight.is_cpu
-            or kernels.library() is None
-            or torch.compiler.is_compiling()
-        ):
+        weight = self.model.embed_tokens.weight
+        if not weight.is_cpu or kernels.library() is None or torch.compiler.is_compiling():
             return None
         step = cache.__dict__.get("decode_step")
         if step is None or step.owner() is not self or not step.current():
             step = self._make_decode_step(cache) or kernels.NoDecodeStep(self)
             cache.__dict__["decode_step"] = step  # a refusal too, so it is not tried every step
-        if not step or (step.requires_grad and torch.is_grad_enabled()):
+        if not step or batch > step.max_rows or (step.requires_grad and torch.is_grad_enabled()):
             return None
         return step
 
@@ -378,10 +372,9 @@ class GemmaForCausalLM(nn.Module):
         self, step: kernels.DecodeStep, input_ids: Tensor, input_pos: Tensor, rows
     ) -> Tensor:
         B = input_ids.shape[0]
-        if rows is None:
-            rows = slice(0, B)
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start or 0, rows.stop if rows.stop is not None else B)
+        if rows is None or isinstance(rows, slice):  # B contiguous rows
+            start = 0 if rows is None else rows.start or 0
+            rows = torch.arange(start, start + B)
         cos, sin = self.rotary(input_pos, step.dtype)  # [B, 1, 1, D]
         logits = step(
             input_ids.reshape(B).to(torch.int64).contiguous(),

@@ -322,7 +322,7 @@ class NoDecodeStep:
     cache of another dtype), so that it does not look again every step; falsy. Stale, like a
     DecodeStep, once any module registers a parameter or buffer."""
 
-    requires_grad = False
+    requires_grad, max_rows = False, 0
 
     def __init__(self, owner: nn.Module) -> None:
         self.owner = weakref.ref(owner)
