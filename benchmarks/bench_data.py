@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="end-to-end worker counts")
     args = ap.parse_args()
     os.environ.setdefault("CODEGEMMA_QUIET", "1")
-    from codegemma.train.tokenizer import train_tokenizer
+    from codegemma.train.tokenizer_trainer import train_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

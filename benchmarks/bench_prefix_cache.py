@@ -26,18 +26,18 @@ from pathlib import Path
 
 import codegemma
 from codegemma import completion
-from codegemma.completion import CompletionRequest
 from codegemma.engine import Engine
 from codegemma.eval.tasks import load_taskset
+from codegemma.middle import FimRequest
 
 
-def typing_requests(keystrokes: int, fim_mode: str, context: int = 3000) -> list[CompletionRequest]:
+def typing_requests(keystrokes: int, fim_mode: str, context: int = 3000) -> list[FimRequest]:
     source = (Path(json.__file__).parent / "encoder.py").read_text()
     cursor = source.index("\n", len(source) // 2) + 1  # the start of a line
     typed = source[cursor : cursor + keystrokes]  # the user types the next line(s) anew
     after = source[cursor + keystrokes : cursor + keystrokes + context // 3]
     return [
-        CompletionRequest(
+        FimRequest(
             prefix=source[cursor - context : cursor] + typed[:i],
             suffix=after,
             mode="line",
@@ -47,9 +47,9 @@ def typing_requests(keystrokes: int, fim_mode: str, context: int = 3000) -> list
     ]
 
 
-def infilling_requests(tasks: int) -> list[CompletionRequest]:
+def infilling_requests(tasks: int) -> list[FimRequest]:
     return [
-        CompletionRequest(prefix=t.prompt, suffix=t.suffix, mode="line")
+        FimRequest(prefix=t.prompt, suffix=t.suffix, mode="line")
         for t in load_taskset("humaneval-single-line", limit=tasks)
     ]
 

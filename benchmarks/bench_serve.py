@@ -34,7 +34,7 @@ def build_small_model(out: Path) -> Path:
 
     from bench_generate import make_checkpoint
 
-    from codegemma.train.tokenizer import train_tokenizer
+    from codegemma.train.tokenizer_trainer import train_tokenizer
 
     make_checkpoint("small", out / "model")
     corpus = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n"] * 50

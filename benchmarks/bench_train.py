@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codegemma.config import ModelConfig, write_text_atomic
+from codegemma.config import ModelConfig
+from codegemma.fileio import write_text_atomic
 
 CONFIGS = {
     "small": dict(
@@ -72,7 +73,7 @@ def write_inputs(root: Path, config: ModelConfig, rows: int, seq_len: int) -> tu
     from codegemma.data.shards import write_token_dataset
     from codegemma.model import GemmaForCausalLM
     from codegemma.tokenizer import Tokenizer
-    from codegemma.train.tokenizer import train_tokenizer
+    from codegemma.train.tokenizer_trainer import train_tokenizer
 
     tok_dir = train_tokenizer(["def f(x):\n    return x + 1\n"] * 8, 512, root / "tok")
     tok = Tokenizer.load(tok_dir)

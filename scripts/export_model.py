@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from codegemma.train.checkpoint import latest_checkpoint
+from codegemma.train.run_checkpoint import latest_checkpoint
 
 
 def export(run_dir: Path, out: Path) -> Path:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from codegemma.config import ModelConfig, write_text_atomic
+from codegemma.config import ModelConfig
 from codegemma.eval.report import report
+from codegemma.fileio import write_text_atomic
 from codegemma.train.metrics import read_metrics
 
 

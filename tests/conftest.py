@@ -15,7 +15,7 @@ from hypothesis import settings
 from tiny_corpus_texts import tiny_corpus
 
 from codegemma.tokenizer import Tokenizer
-from codegemma.train.tokenizer import train_sentencepiece, train_tokenizer
+from codegemma.train.tokenizer_trainer import train_sentencepiece, train_tokenizer
 
 TINY_VOCAB_SIZE = 512
 

@@ -751,7 +751,7 @@ def test_loading_maps_the_file_instead_of_copying_it(tmp_path) -> None:
 
 
 def test_saved_files_get_normal_permissions(tmp_path):
-    from codegemma.config import file_mode
+    from codegemma.fileio import file_mode
 
     model = GemmaForCausalLM(ModelConfig.preset("tiny"))
     out = save_model(model, model.config, tmp_path / "m", max_shard_bytes=200_000)

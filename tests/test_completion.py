@@ -11,16 +11,10 @@ import torch
 from torch import nn
 
 from codegemma import prompts
-from codegemma.completion import (
-    CompletionRequest,
-    build_prompt,
-    complete,
-    complete_batch,
-    cursor_is_mid_line,
-    postprocess,
-)
+from codegemma.completion import build_prompt, complete, complete_batch
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine
+from codegemma.middle import FimRequest, clean, cursor_is_mid_line
 from codegemma.model import KVCache
 
 
@@ -50,9 +44,7 @@ class ScriptedModel(nn.Module):
         ).float()
 
 
-def run(
-    tokenizer, text: str, request: CompletionRequest, *, sentinel: int | None = None, **kw
-) -> str:
+def run(tokenizer, text: str, request: FimRequest, *, sentinel: int | None = None, **kw) -> str:
     script = tokenizer.encode(text) + ([sentinel] if sentinel is not None else [])
     script += tokenizer.encode("\nTAIL_AFTER_THE_END\n")
     engine = Engine(ScriptedModel(script), tokenizer, max_batch_size=1)
@@ -61,24 +53,24 @@ def run(
 
 def test_stops_at_every_fim_sentinel_and_eos(tiny_tokenizer):
     sp = tiny_tokenizer.special
-    req = CompletionRequest(prefix="def f(x):\n    return ", suffix="", mode="block")
+    req = FimRequest(prefix="def f(x):\n    return ", suffix="", mode="block")
     for sentinel in (sp.fim_prefix, sp.fim_suffix, sp.fim_middle, sp.file_separator, sp.eos):
         assert run(tiny_tokenizer, "x + 1", req, sentinel=sentinel) == "x + 1"
 
 
 def test_single_line_when_the_cursor_is_mid_line(tiny_tokenizer):
-    req = CompletionRequest(prefix="total = add(", suffix=")\nprint(total)\n")
+    req = FimRequest(prefix="total = add(", suffix=")\nprint(total)\n")
     assert req.single_line
     assert run(tiny_tokenizer, "a, b\nc = 3", req) == "a, b"
 
 
 def test_suffix_repeat_at_the_end_is_trimmed(tiny_tokenizer):
-    req = CompletionRequest(prefix="total = add(", suffix=")\n")
+    req = FimRequest(prefix="total = add(", suffix=")\n")
     assert run(tiny_tokenizer, "a, b)", req) == "a, b"
 
 
 def test_block_mode_stops_where_the_block_ends(tiny_tokenizer):
-    req = CompletionRequest(prefix="def f(x):\n    ", suffix="\n\nprint(f(2))\n")
+    req = FimRequest(prefix="def f(x):\n    ", suffix="\n\nprint(f(2))\n")
     assert not req.single_line
     text = "y = x * 2\n    return y\ndef g():\n    pass"
     assert (
@@ -87,13 +79,13 @@ def test_block_mode_stops_where_the_block_ends(tiny_tokenizer):
 
 
 def test_block_mode_stops_before_repeating_the_suffix(tiny_tokenizer):
-    req = CompletionRequest(prefix="def f(x):\n    ", suffix="\n    return y\n")
+    req = FimRequest(prefix="def f(x):\n    ", suffix="\n    return y\n")
     text = "y = x + 1\n    return y\n"
     assert run(tiny_tokenizer, text, req, sentinel=tiny_tokenizer.eos_id) == "y = x + 1"
 
 
 def test_user_stop_strings(tiny_tokenizer):
-    req = CompletionRequest(prefix="x = ", suffix="", mode="block")
+    req = FimRequest(prefix="x = ", suffix="", mode="block")
     assert run(tiny_tokenizer, "1  # done", req, stop=["  #"]) == "1"
 
 
@@ -105,18 +97,18 @@ def test_cursor_mid_line(suffix, mid_line):
     assert cursor_is_mid_line(suffix) is mid_line
 
 
-def test_postprocess_rules():
-    line = CompletionRequest(prefix="a = ", suffix="  # note", mode="line")
-    assert postprocess("1\n2", line) == "1"
-    assert postprocess("   \n\t", CompletionRequest(prefix="x", mode="block")) == ""
-    top = CompletionRequest(prefix="import os\n", suffix="", mode="block")
-    assert postprocess("def f():\n    pass\n\nx = 1\n", top) == "def f():\n    pass\n\nx = 1\n"
-    body = CompletionRequest(prefix="class A:\n    def f(self):\n", suffix="", mode="block")
+def test_middle_rules():
+    line = FimRequest(prefix="a = ", suffix="  # note", mode="line")
+    assert clean("1\n2", line) == "1"
+    assert clean("   \n\t", FimRequest(prefix="x", mode="block")) == ""
+    top = FimRequest(prefix="import os\n", suffix="", mode="block")
+    assert clean("def f():\n    pass\n\nx = 1\n", top) == "def f():\n    pass\n\nx = 1\n"
+    body = FimRequest(prefix="class A:\n    def f(self):\n", suffix="", mode="block")
     # at column 0 after `def f(self):` the block is f's body: the next method ends it
-    got = postprocess("        return 1\n    def g(self):\n        pass\nB = 1", body)
+    got = clean("        return 1\n    def g(self):\n        pass\nB = 1", body)
     assert got == "        return 1"
-    method = CompletionRequest(prefix="class A:\n    def f(self):\n        ", mode="block")
-    assert postprocess("return 1\n    def g(self):\n        pass", method) == "return 1"
+    method = FimRequest(prefix="class A:\n    def f(self):\n        ", mode="block")
+    assert clean("return 1\n    def g(self):\n        pass", method) == "return 1"
 
 
 def test_prompt_is_fitted_into_the_budget(tiny_tokenizer):
@@ -124,7 +116,7 @@ def test_prompt_is_fitted_into_the_budget(tiny_tokenizer):
         prompts.ContextFile(path=f"lib/m{i}.py", text="def helper():\n    return 42\n" * 5)
         for i in range(3)
     )
-    req = CompletionRequest(
+    req = FimRequest(
         prefix="def main():\n" + "    x = 1\n" * 80 + "    ",
         suffix="\n" * 3 + "print(main())\n" * 30,
         path="app.py",

@@ -10,7 +10,7 @@ import pytest
 from tiny_corpus_texts import TINY_CORPUS, tiny_corpus
 
 from codegemma.tokenizer import Tokenizer
-from codegemma.train.tokenizer import (
+from codegemma.train.tokenizer_trainer import (
     BYTE_TOKENS,
     FIRST_LEARNED_ID,
     TokenizerTrainingError,

@@ -21,6 +21,7 @@ from codegemma import completion, prompts
 from codegemma.checkpoint import load_model, parse_dtype, resolve_model
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine, GenerationResult, SamplingParams
+from codegemma.middle import FimRequest
 from codegemma.model import GemmaForCausalLM
 from codegemma.prompts import ContextFile
 from codegemma.tokenizer import Tokenizer
@@ -68,13 +69,11 @@ class CodeGemma:
         )
         return self.complete_batch([request], **options)[0]
 
-    def complete_batch(
-        self, requests: Sequence[Mapping | completion.CompletionRequest], **options
-    ) -> list[str]:
+    def complete_batch(self, requests: Sequence[Mapping | FimRequest], **options) -> list[str]:
         reqs = [
             r
-            if isinstance(r, completion.CompletionRequest)
-            else completion.CompletionRequest(**{**r, "files": tuple(r.get("files", ()))})
+            if isinstance(r, FimRequest)
+            else FimRequest(**{**r, "files": tuple(r.get("files", ()))})
             for r in requests
         ]
         return completion.complete_batch(self.engine, self.tokenizer, reqs, **options)

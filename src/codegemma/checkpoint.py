@@ -42,7 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codegemma.config import ConfigError, ModelConfig, file_mode, write_text_atomic
+from codegemma.config import ConfigError, ModelConfig
+from codegemma.errors import CheckpointError
+from codegemma.fileio import file_mode, write_text_atomic
 from codegemma.model import GemmaForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -76,10 +78,6 @@ DTYPE_ALIASES = {
     "float": "float32",
 }
 CONFIG_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class CheckpointError(ValueError):
-    """A model directory or weights file that cannot be loaded; the message names file and fix."""
 
 
 # -- safetensors reading --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 SUBSYSTEMS = (
-    "codegemma.train.tokenizer",
+    "codegemma.train.tokenizer_trainer",
     "codegemma.data.cli",
     "codegemma.eval.cli",
     "codegemma.train.cli",

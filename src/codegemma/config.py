@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codegemma.errors import ConfigError
+from codegemma.fileio import write_text_atomic
+
 MODEL_TYPE = "gemma"
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # HF Gemma: both mean the tanh approximation
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Gemma model; the message names field and fix."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,29 +176,6 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         write_text_atomic(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_mode() -> int:
-    """The mode a plainly created file gets under the current umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -17,18 +17,16 @@ Layouts (CodeGemma report, FIM paper's SPM variant used jointly with PSM):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from codegemma.tokenizer import Tokenizer
+from codegemma.errors import PromptError
+from codegemma.tokenizer import SPECIAL_STRINGS, Tokenizer
 
 CHAT_ROLES = {"user": "user", "model": "model", "assistant": "model"}
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be laid out; the message names the problem and the fix."""
 
 
 class FimMode(StrEnum):
@@ -109,6 +107,28 @@ def join_files(tok: Tokenizer, files_ids: Sequence[list[int]]) -> list[int]:
             out.append(tok.special.file_separator)
         out += ids
     return out
+
+
+FIM_SENTINELS = tuple(
+    SPECIAL_STRINGS[k] for k in ("fim_prefix", "fim_suffix", "fim_middle", "file_separator")
+)
+_PRE, _SUF, _MID = (
+    re.escape(SPECIAL_STRINGS[k]) for k in ("fim_prefix", "fim_suffix", "fim_middle")
+)
+_FIM_TEXT = re.compile(
+    rf"\A(?:{re.escape(SPECIAL_STRINGS['bos'])})?{_PRE}(?P<prefix>.*){_SUF}(?P<suffix>.*){_MID}\Z",
+    re.DOTALL,
+)
+
+
+def parse_fim_text(text: str) -> tuple[str, str] | None:
+    """(prefix, suffix) of a prompt written as text in the PSM layout
+    (`[<bos>]<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>`, what Continue sends for a model named
+    codegemma), else None; a sentinel inside P or S makes it no such prompt."""
+    m = _FIM_TEXT.match(text)
+    if m is None or any(s in m["prefix"] or s in m["suffix"] for s in FIM_SENTINELS):
+        return None
+    return m["prefix"], m["suffix"]
 
 
 def fim_stop_ids(tok: Tokenizer) -> frozenset[int]:

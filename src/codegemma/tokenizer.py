@@ -27,9 +27,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from codegemma.errors import TokenizerError
 
 # Gemma's token strings. The FIM and turn tokens are the same in every CodeGemma checkpoint.
 SPECIAL_STRINGS: dict[str, str] = {
@@ -48,10 +50,6 @@ REQUIRED = ("pad", "eos", "bos", "fim_prefix", "fim_middle", "fim_suffix", "file
 # Reserved slots that Gemma's files carry as plain user-defined symbols; treat them as special too.
 RESERVED_RE = re.compile(r"<unused\d+>|<mask>|\[multimodal\]|\[@BOS@\]")
 BYTE_TOKEN_RE = re.compile(r"<0x([0-9A-F]{2})>")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that codegemma cannot use, or bad input; the message says how to fix it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,8 +306,3 @@ def _names_from_config(directory: Path) -> dict[str, str]:
             if isinstance(value, str) and value:
                 names[key] = value
     return names
-
-
-def special_strings() -> Sequence[str]:
-    """The token strings of the named special tokens (useful for tests and stop-string lists)."""
-    return tuple(SPECIAL_STRINGS.values())

@@ -286,7 +286,7 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
     from codegemma.config import ModelConfig
     from codegemma.eval.runner import CodeGemmaGenerator
     from codegemma.model import GemmaForCausalLM
-    from codegemma.train.tokenizer import train_tokenizer
+    from codegemma.train.tokenizer_trainer import train_tokenizer
 
     model_dir = tmp_path / "tiny"
     train_tokenizer(

@@ -9,12 +9,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from codegemma import completion
-from codegemma.completion import CompletionRequest as FimRequest
+from codegemma import middle
+from codegemma.middle import FimRequest
+from codegemma.prompts import parse_fim_text
 from codegemma.server import protocol
 from codegemma.server.cli import register, settings_from_args
-from codegemma.server.metrics import Registry
-from codegemma.server.serving import FimTracker, parse_fim_layout
+from codegemma.server.prometheus import Registry
+from codegemma.server.serving import FimTracker
 from codegemma.server.settings import API_KEY_ENV, ServerSettings
 
 
@@ -70,11 +71,11 @@ def test_prompt_forms():
 
 
 def test_fim_layout_parsing():
-    assert parse_fim_layout("<|fim_prefix|>a\n<|fim_suffix|>b<|fim_middle|>") == ("a\n", "b")
-    assert parse_fim_layout("<bos><|fim_prefix|><|fim_suffix|><|fim_middle|>") == ("", "")
-    assert parse_fim_layout("plain text") is None
-    assert parse_fim_layout("<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>c") is None
-    assert parse_fim_layout("<|fim_prefix|>a<|fim_middle|><|fim_suffix|>b<|fim_middle|>") is None
+    assert parse_fim_text("<|fim_prefix|>a\n<|fim_suffix|>b<|fim_middle|>") == ("a\n", "b")
+    assert parse_fim_text("<bos><|fim_prefix|><|fim_suffix|><|fim_middle|>") == ("", "")
+    assert parse_fim_text("plain text") is None
+    assert parse_fim_text("<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>c") is None
+    assert parse_fim_text("<|fim_prefix|>a<|fim_middle|><|fim_suffix|>b<|fim_middle|>") is None
 
 
 def test_server_settings_validate():
@@ -115,10 +116,10 @@ def test_streamed_fim_text_is_the_postprocessed_text(prefix, suffix, raw, cuts):
             break
     consumed = tracker.raw
     released += tracker.finish("" if tracker.cut else pieces[-1])
-    expected = completion.postprocess(consumed if tracker.cut else raw, request)
+    expected = middle.clean(consumed if tracker.cut else raw, request)
     assert released == expected
     if tracker.cut:  # stopping early never changes the answer
-        assert expected == completion.postprocess(raw, request)
+        assert expected == middle.clean(raw, request)
 
 
 def test_metrics_text_format():

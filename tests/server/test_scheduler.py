@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from codegemma.engine import Engine, SamplingParams
-from codegemma.server.metrics import ServerMetrics
+from codegemma.server.prometheus import ServerMetrics
 from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler
 
 

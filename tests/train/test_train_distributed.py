@@ -17,7 +17,7 @@ import pytest
 import torch
 from train_helpers import curve, reference_config
 
-from codegemma.train import checkpoint as ckpt
+from codegemma.train import run_checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from train_helpers import curve, tiny_config
 
-from codegemma.train import checkpoint as ckpt
+from codegemma.train import run_checkpoint as ckpt
 from codegemma.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]

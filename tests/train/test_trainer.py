@@ -10,7 +10,7 @@ import torch
 from train_helpers import curve, reference_config, tiny_config, train_records
 
 import codegemma
-from codegemma.train import checkpoint as ckpt
+from codegemma.train import run_checkpoint as ckpt
 from codegemma.train.metrics import METRICS, plot_run, read_metrics
 from codegemma.train.trainer import build_optimizer, loss_sum, train
 

@@ -15,6 +15,7 @@ by addition, whichever engine ran them.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -97,14 +98,6 @@ def run_steps(steps: Iterable[PipelineStep], docs: Iterable[Document]) -> Iterat
     yield from docs
 
 
-def collect_stats(steps: Iterable[PipelineStep], stats: Stats | None = None) -> Stats:
-    """Add each step's counters under its name into `stats` (a new Stats when None)."""
-    out = stats if stats is not None else Stats()
-    for step in steps:
-        out[step.name].update(step.stats)
-    return out
-
-
 def as_dict(obj: Any) -> dict[str, Any]:
     """A frozen config dataclass as a JSON-ready dict (tuples become lists)."""
     import dataclasses
@@ -118,3 +111,11 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
     return value
+
+
+def stable_int(*parts: object) -> int:
+    """A 64-bit integer of `parts` (joined by NUL) that is the same in every process and run, unlike
+    the salted `hash()`: blake2b, little-endian. Seeds per file and per repository, and the
+    repository -> bucket partition, all come from here."""
+    text = "\0".join(map(str, parts)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import importlib
 import random
 from collections import Counter
@@ -42,7 +41,9 @@ from typing import Any
 import numpy as np
 
 from codegemma import prompts
+from codegemma.data.base import stable_int
 from codegemma.data.document import Document, language_of
+from codegemma.errors import FimError
 
 SPLIT_MODES = ("char", "line", "syntax")
 
@@ -61,10 +62,6 @@ _GRAMMAR_WHEELS: dict[str, tuple[str, str]] = {
     "csharp": ("tree_sitter_c_sharp", "language"),
 }
 _PACK_NAMES: dict[str, tuple[str, ...]] = {"csharp": ("csharp", "c_sharp")}
-
-
-class FimError(ValueError):
-    """Bad FIM configuration or input; the message names the field and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,9 +291,8 @@ def _named_nodes(root: Any) -> Iterator[Any]:
 
 
 def file_rng(seed: int, doc_id: str) -> random.Random:
-    """A generator for one file: blake2b of (seed, id), not the per-process salted hash()."""
-    digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8)
-    return random.Random(int.from_bytes(digest.digest(), "little"))
+    """A generator for one file, seeded by `stable_int(seed, id)`."""
+    return random.Random(stable_int(seed, doc_id))
 
 
 def fim_file(doc: Document, config: FimConfig, seed: int) -> FileFim:

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codegemma.config import write_text_atomic
-from codegemma.data.base import Stats, as_dict, run_steps
+from codegemma.data.base import Stats, as_dict, run_steps, stable_int
 from codegemma.data.decontaminate import DecontamConfig, Decontaminate
 from codegemma.data.dedup import DedupConfig, Signatures, Signer, cluster
 from codegemma.data.document import Document
@@ -48,6 +47,7 @@ from codegemma.data.shards import (
     token_dtype,
 )
 from codegemma.data.sources import ReadTask, SourceConfig, plan_sources, read_task
+from codegemma.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 WORK = ".work"
@@ -93,13 +93,11 @@ def _work(job: Job) -> Path:
 
 
 def bucket_of(repo: str, num_shards: int) -> int:
-    digest = hashlib.blake2b(repo.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % num_shards
+    return stable_int(repo) % num_shards
 
 
 def repo_seed(seed: int, repo: str) -> int:
-    digest = hashlib.blake2b(f"{seed}\0{repo}".encode("utf-8", "surrogatepass"), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return stable_int(seed, repo) >> 1
 
 
 # -- phase 1: read -----------------------------------------------------------------------------

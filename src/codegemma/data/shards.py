@@ -29,15 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from codegemma.config import write_text_atomic
+from codegemma.errors import ShardError
+from codegemma.fileio import write_text_atomic
 
 FORMAT = "codegemma-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class ShardError(ValueError):
-    """A shard directory that is incomplete or does not match its manifest."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

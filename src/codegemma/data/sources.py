@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from codegemma.data.document import LANGUAGES, Document, language_of
+from codegemma.errors import SourceError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", ".tox"})
 SNIFF_BYTES = 8192
-
-
-class SourceError(ValueError):
-    """A source that cannot be read; the message names the source and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)

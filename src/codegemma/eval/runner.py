@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from codegemma.config import write_text_atomic
 from codegemma.eval.execution import execute_many
 from codegemma.eval.passk import pass_at_k_table
 from codegemma.eval.sandbox import Limits, Sandbox
 from codegemma.eval.tasks import Task, load_taskset
+from codegemma.fileio import write_text_atomic
 
 # bigcode-evaluation-harness's HumanEval stop set (the Codex paper's plus "\n@" and a fence).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")

@@ -5,8 +5,8 @@
 
 Modules: protocol.py (pydantic wire models, OpenAI error shape), serving.py (requests -> engine
 jobs, FIM post-processing while streaming), scheduler.py (the thread that owns the Engine and
-batches every request through it), responses.py (JSON bodies and SSE streams), metrics.py
-(Prometheus text), app.py (FastAPI routes and middlewares), cli.py (`codegemma serve`).
+batches every request through it), responses.py (JSON bodies and SSE streams), prometheus.py
+(Prometheus metrics), app.py (FastAPI routes and middlewares), cli.py (`codegemma serve`).
 Client configuration (Continue, llama.vscode, Tabby): docs/serving.md.
 """
 

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codegemma.engine import Engine
 from codegemma.server import protocol, responses, serving
-from codegemma.server.metrics import ServerMetrics
+from codegemma.server.prometheus import ServerMetrics
 from codegemma.server.protocol import APIError, error_body
 from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler, Submission
 from codegemma.server.serving import Plan, ServingContext

@@ -16,14 +16,13 @@ of the block, a line repeating the suffix): no tokens are generated that would b
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from codegemma import completion, prompts
-from codegemma.completion import CompletionRequest as FimRequest
+from codegemma import completion, middle, prompts
 from codegemma.engine import GenerationResult, SamplingParams
+from codegemma.middle import FimRequest
 from codegemma.prompts import ContextFile, PromptError
 from codegemma.server import protocol
 from codegemma.server.protocol import APIError
@@ -31,11 +30,6 @@ from codegemma.server.scheduler import Submission
 from codegemma.server.settings import ServerSettings
 
 MIN_FIM_BUDGET = 8  # a FIM prompt needs its sentinels and a few tokens of context
-_FIM_LAYOUT = re.compile(
-    r"\A(?:<bos>)?<\|fim_prefix\|>(?P<prefix>.*)<\|fim_suffix\|>(?P<suffix>.*)<\|fim_middle\|>\Z",
-    re.DOTALL,
-)
-_SENTINELS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,14 +64,6 @@ class Plan:
 
 
 # -- planning ------------------------------------------------------------------------------------
-def parse_fim_layout(text: str) -> tuple[str, str] | None:
-    """(prefix, suffix) of a prompt in CodeGemma's textual PSM layout, else None."""
-    m = _FIM_LAYOUT.match(text)
-    if m is None or any(s in m["prefix"] or s in m["suffix"] for s in _SENTINELS):
-        return None
-    return m["prefix"], m["suffix"]
-
-
 def _limit_tokens(ctx: ServingContext, value: int | None, default: int, param: str) -> int:
     tokens = default if value is None else value
     if tokens > ctx.settings.max_tokens:
@@ -162,7 +148,9 @@ def _completion_choice(
 ) -> Choice:
     """The prompt ids, stops and post-processing of one prompt (sampling is set by the caller)."""
     tok, stops = ctx.tokenizer, req.stop_strings()
-    layout = parse_fim_layout(prompt) if isinstance(prompt, str) and req.suffix is None else None
+    layout = (
+        prompts.parse_fim_text(prompt) if isinstance(prompt, str) and req.suffix is None else None
+    )
     if req.suffix is not None or layout is not None:
         if req.echo:
             raise APIError(
@@ -272,10 +260,10 @@ class FimTracker:
 
     def push(self, delta: str) -> str:
         self.raw += delta
-        processed = completion.postprocess(self.raw, self.request)
+        processed = middle.clean(self.raw, self.request)
         # Rules that cut at a line boundary do so for good once the offending line is complete
         # (measured before the whitespace-only rule, which more text can still undo).
-        end = len(completion.truncate(self.raw, self.request))
+        end = len(middle.truncate(self.raw, self.request))
         self.cut = (
             end < len(self.raw) and self.raw[end] == "\n" and self.raw.find("\n", end + 1) >= 0
         )
@@ -284,7 +272,7 @@ class FimTracker:
             stable = processed[: max(processed.rfind("\n"), 0)]
             # Two rules act on the end of the final text: it may start repeating the suffix
             # (trimmed), or be whitespace only (dropped). Hold back what either could still take.
-            stable = stable[: len(stable) - _suffix_overlap(stable, self.request.suffix)]
+            stable = stable[: len(stable) - middle.suffix_overlap(stable, self.request.suffix)]
             if not stable.strip():
                 return ""
             processed = stable
@@ -292,21 +280,13 @@ class FimTracker:
 
     def finish(self, delta: str) -> str:
         self.raw += delta
-        return self._release(completion.postprocess(self.raw, self.request))
+        return self._release(middle.clean(self.raw, self.request))
 
     def _release(self, stable: str) -> str:
         if len(stable) <= len(self.text) or not stable.startswith(self.text):
             return ""  # nothing new (or a tail rule trimmed sent text, which cannot be unsent)
         delta, self.text = stable[len(self.text) :], stable
         return delta
-
-
-def _suffix_overlap(text: str, suffix: str) -> int:
-    """Length of the longest tail of `text` that is a beginning of `suffix`."""
-    for j in range(min(len(text), len(suffix)), 0, -1):
-        if text.endswith(suffix[:j]):
-            return j
-    return 0
 
 
 @dataclass(frozen=True)

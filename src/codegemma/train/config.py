@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codegemma.errors import TrainConfigError
+
 TASKS = ("pretrain", "sft")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
-
-
-class TrainConfigError(ValueError):
-    """A training configuration that cannot run; the message names the field and the fix."""
 
 
 def _f(section: str, default: Any = dataclasses.MISSING, help: str = "") -> Any:

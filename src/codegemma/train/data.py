@@ -28,14 +28,11 @@ import torch
 from torch import Tensor
 
 from codegemma.data.shards import open_shards
+from codegemma.errors import TrainDataError
 from codegemma.tokenizer import Tokenizer
 from codegemma.train.sft import load_chat_jsonl, sft_rows
 
 IGNORE = -100  # cross_entropy's ignore_index
-
-
-class DataError(ValueError):
-    """Training data that does not fit the model or the config; the message says how to fix it."""
 
 
 class RowSource(Protocol):
@@ -76,7 +73,7 @@ class ArraySource:
 
     def __init__(self, ids: np.ndarray, loss_mask: np.ndarray) -> None:
         if ids.shape != loss_mask.shape or ids.ndim != 2:
-            raise DataError(f"ids {ids.shape} and loss_mask {loss_mask.shape} must be [N, T]")
+            raise TrainDataError(f"ids {ids.shape} and loss_mask {loss_mask.shape} must be [N, T]")
         self.ids, self.loss_mask = ids, loss_mask
         self.seq_len = ids.shape[1]
 
@@ -107,7 +104,7 @@ def open_source(
     """Pretraining shards (checked against the tokenizer) or SFT chat JSONL (tokenized now)."""
     if task == "pretrain":
         if not Path(path).is_dir():
-            raise DataError(
+            raise TrainDataError(
                 f"pretraining data {path} is not a directory: give the output of "
                 f'`codegemma data prepare` (or set task = "sft" for chat JSONL)'
             )
@@ -119,7 +116,7 @@ def open_source(
 
 def split_holdout(source: RowSource, holdout: int) -> tuple[RowSource, RowSource]:
     if holdout >= len(source):
-        raise DataError(
+        raise TrainDataError(
             f"eval_holdout={holdout} leaves no training data ({len(source)} sequences); "
             f"lower it or give eval_data"
         )
@@ -163,7 +160,7 @@ class Loader:
         rank: int = 0,
     ) -> None:
         if len(source) == 0:
-            raise DataError("the training data has no sequences")
+            raise TrainDataError("the training data has no sequences")
         self.source, self.seed, self.batch = source, seed, micro_batch_size
         self.world_size, self.rank = world_size, rank
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)

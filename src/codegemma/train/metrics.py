@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from codegemma.config import ModelConfig
+from codegemma.fileio import atomic_path, write_text_atomic
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -122,8 +123,6 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        from codegemma.config import write_text_atomic
-
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -175,7 +174,6 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax.set_title(run.name)
     fig.tight_layout()
     target = Path(out) if out is not None else run / PLOT
-    tmp = target.with_name(f".{target.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
     return target

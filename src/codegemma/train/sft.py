@@ -23,12 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from codegemma.errors import SFTDataError
 from codegemma.prompts import PromptError, chat_example, fold_system
 from codegemma.tokenizer import Tokenizer
-
-
-class SFTDataError(ValueError):
-    """A chat JSONL file that cannot be used; the message names the line and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)

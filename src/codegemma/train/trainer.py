@@ -36,14 +36,14 @@ from codegemma.checkpoint import load_model, resolve_model
 from codegemma.config import ModelConfig
 from codegemma.model import GemmaForCausalLM
 from codegemma.tokenizer import Tokenizer
-from codegemma.train import checkpoint as ckpt
+from codegemma.train import run_checkpoint as ckpt
 from codegemma.train.config import TrainConfig
 from codegemma.train.data import (
     IGNORE,
-    DataError,
     Loader,
     MicroBatch,
     RowSource,
+    TrainDataError,
     eval_batches,
     open_source,
     split_holdout,
@@ -129,7 +129,7 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
         recorded = load_manifest(Path(cfg.data))["tokenizer"].get("path")
         if recorded and Path(recorded).exists():
             return Path(recorded)
-    raise DataError(
+    raise TrainDataError(
         'no tokenizer found: set tokenizer = "path/to/tokenizer_dir" (the one the data was '
         "prepared with); checkpoints carry it so that they load as models"
     )
@@ -148,7 +148,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> GemmaForCausalLM:
         model.init_weights(std=cfg.init_std, seed=cfg.seed)
         model.reset_buffers("cpu")
     if tok.vocab_size > config.vocab_size:
-        raise DataError(
+        raise TrainDataError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size} "
             f"embeddings; use a tokenizer of at most that size or a larger model"
         )
@@ -164,13 +164,13 @@ def _fresh_config(cfg: TrainConfig) -> ModelConfig:
     try:
         return ModelConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"model_config {path} is not a readable config.json: {e}") from e
+        raise TrainDataError(f"model_config {path} is not a readable config.json: {e}") from e
 
 
 def load_sources(cfg: TrainConfig, tok: Tokenizer) -> tuple[RowSource, RowSource | None]:
     train_src = open_source(cfg.task, cfg.data, tok, cfg.seq_len)
     if cfg.eval_data and cfg.eval_holdout:
-        raise DataError("set eval_data or eval_holdout, not both")
+        raise TrainDataError("set eval_data or eval_holdout, not both")
     if cfg.eval_holdout:
         return split_holdout(train_src, cfg.eval_holdout)
     if cfg.eval_data:
@@ -329,7 +329,7 @@ def _setup(cfg: TrainConfig, world: World) -> Run:
     train_source, eval_source = load_sources(cfg, tok)
     model = build_model(cfg, tok)
     if train_source.seq_len - 1 > model.config.max_position_embeddings:
-        raise DataError(
+        raise TrainDataError(
             f"rows of {train_source.seq_len} tokens exceed the model's "
             f"max_position_embeddings ({model.config.max_position_embeddings})"
         )

@@ -105,7 +105,7 @@ def task_to_row(task: Task) -> dict:
 
 
 def export_jsonl(tasks: Iterable[Task], out: str | os.PathLike) -> Path:
-    from codegemma.config import write_text_atomic
+    from codegemma.fileio import write_text_atomic
 
     path = Path(out)
     write_text_atomic(path, "".join(json.dumps(task_to_row(t)) + "\n" for t in tasks))

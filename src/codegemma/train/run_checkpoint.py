@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 
 from codegemma.checkpoint import fsync_dir, load_model, save_model
-from codegemma.config import ModelConfig, write_text_atomic
+from codegemma.config import ModelConfig
+from codegemma.errors import TrainCheckpointError
+from codegemma.fileio import write_text_atomic
 from codegemma.model import GemmaForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -45,10 +47,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 STEP_RE = re.compile(r"step-(\d{6,})")
-
-
-class TrainCheckpointError(ValueError):
-    """A training checkpoint that cannot be resumed from; the message says why and what to do."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

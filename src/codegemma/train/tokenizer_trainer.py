@@ -13,7 +13,7 @@ tokenizer. Only *training* splits the text (words, digits, punctuation, whitespa
 stay meaningful; the learned merges then apply to unsplit text exactly as Gemma's do.
 
     codegemma tokenizer train src/ --vocab-size 512 --out my_tok/
-    python -c "from codegemma.train.tokenizer import train_tokenizer; ..."
+    python -c "from codegemma.train.tokenizer_trainer import train_tokenizer; ..."
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from codegemma.config import write_text_atomic
+from codegemma.errors import TokenizerTrainingError
+from codegemma.fileio import write_bytes_atomic, write_text_atomic
 from codegemma.tokenizer import SPECIAL_STRINGS
 
 # -- Gemma's reserved ids ------------------------------------------------------------------
@@ -126,10 +126,6 @@ CODE_EXTENSIONS = frozenset(
         ".ini",
     )
 )
-
-
-class TokenizerTrainingError(ValueError):
-    """Bad arguments or corpus for tokenizer training; the message says how to fix it."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Path:
@@ -287,22 +283,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
         minloglevel=2,
     )
     out = Path(out_dir)
-    _write_bytes_atomic(out / "tokenizer.model", model.getvalue())
+    write_bytes_atomic(out / "tokenizer.model", model.getvalue())
     return out
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- corpus reading and CLI ----------------------------------------------------------------
