@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from codegemma.errors import TokenizerError
 
@@ -70,6 +71,22 @@ class SpecialTokens:
     file_separator: int
     start_of_turn: int | None
     end_of_turn: int | None
+
+
+class TextCodec(Protocol):
+    """What inference needs of a tokenizer (the engine, stop strings, prompts, the server):
+    `Tokenizer` is one; a test or another backend may bring its own."""
+
+    special: SpecialTokens
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str: ...
+
+    def stream_decoder(self, *, skip_special: bool = False) -> IncrementalDecoder: ...
 
 
 class IncrementalDecoder:

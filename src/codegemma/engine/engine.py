@@ -36,6 +36,7 @@ from codegemma.engine.sampling import (
 )
 from codegemma.engine.stops import StopText
 from codegemma.model import GemmaForCausalLM, KVCache
+from codegemma.tokenizer import TextCodec
 
 CACHE_GRANULE = 256  # cache lengths are rounded up to this, so growing it is rare
 
@@ -87,7 +88,7 @@ class Engine:
     def __init__(
         self,
         model: GemmaForCausalLM,
-        tokenizer=None,
+        tokenizer: TextCodec | None = None,
         *,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from codegemma.tokenizer import TextCodec
+
 
 class StopText:
     """Accumulates decoded text; `push(token)` returns (releasable delta, matched stop or None)."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: TextCodec | None, stop_strings: Sequence[str] = ()) -> None:
         # without a tokenizer there is no text: the engine then works on token ids alone
         # special tokens (sentinels, <unusedN>) carry no text for the user
         self._decoder = (

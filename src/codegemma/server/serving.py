@@ -28,13 +28,14 @@ from codegemma.server import protocol
 from codegemma.server.protocol import APIError
 from codegemma.server.scheduler import Submission
 from codegemma.server.settings import ServerSettings
+from codegemma.tokenizer import TextCodec
 
 MIN_FIM_BUDGET = 8  # a FIM prompt needs its sentinels and a few tokens of context
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServingContext:
-    tokenizer: object
+    tokenizer: TextCodec
     max_seq_len: int
     vocab_size: int
     settings: ServerSettings

@@ -16,13 +16,12 @@ import argparse
 import dataclasses
 import os
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from codegemma.errors import TrainConfigError
+from codegemma.options import add_dataclass_options, base_type, dataclass_values
 
 TASKS = ("pretrain", "sft")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -184,16 +183,8 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def _base_type(name: str) -> type:
-    """int / float / str / bool of a field, looking through `X | None`."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    if isinstance(hint, types.UnionType):
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return hint
-
-
 def _coerce(name: str, value: Any, where: str) -> Any:
-    kind = _base_type(name)
+    kind = base_type(TrainConfig, name)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # TOML `lr = 1` is an int
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -264,37 +255,17 @@ def load_train_config(
 
 # -- command-line flags ---------------------------------------------------------------------
 def add_override_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; unset flags stay out of the namespace (argparse.SUPPRESS)."""
+    """One flag per field (options.add_dataclass_options); unset flags stay out of the namespace,
+    and "none" unsets an optional field (`--preset none --init-from m/`)."""
     group = parser.add_argument_group("settings (override the config file)")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        kind = _base_type(name)
-        helptext = f"[{f.metadata['section']}] {f.metadata['help']}".rstrip()
-        if kind is bool:
-            group.add_argument(
-                flag,
-                dest=f"cfg_{name}",
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=helptext,
-            )
-        else:
-            group.add_argument(
-                flag,
-                dest=f"cfg_{name}",
-                type=kind,
-                default=argparse.SUPPRESS,
-                metavar=kind.__name__.upper(),
-                help=helptext,
-            )
+    add_dataclass_options(
+        group,
+        TrainConfig,
+        dest_prefix="cfg_",
+        describe=lambda f: f"[{f.metadata['section']}] {f.metadata['help']}".rstrip(),
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Flag values by field; "none" unsets an optional field (`--preset none --init-from m/`)."""
-    out = {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg_"):
-            name = key.removeprefix("cfg_")
-            optional = FIELDS[name].default is None
-            out[name] = None if optional and value == "none" else value
-    return out
+    """Flag values by field name, for `load_train_config(path, overrides)`."""
+    return dataclass_values(args, TrainConfig, dest_prefix="cfg_")
