@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from codegemma import completion, prompts
-from codegemma.checkpoint import load_model, parse_dtype, resolve_model
+from codegemma.checkpoint import check_tokenizer_fits, load_model, parse_dtype, resolve_model
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine, GenerationResult, SamplingParams
+from codegemma.errors import CheckpointError
 from codegemma.middle import FimRequest
 from codegemma.model import GemmaForCausalLM
 from codegemma.prompts import ContextFile
@@ -128,17 +129,19 @@ def load(
     (no argument) the bundled model. Never touches the network."""
     if path_or_id is None:
         if not (BUNDLED_MODEL / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no model given and the bundled model is missing at {BUNDLED_MODEL}; "
-                "pass a model directory or build the bundled model with `make model`"
+            raise CheckpointError(
+                f"no model given and the bundled model is missing at {BUNDLED_MODEL}",
+                fix="pass a model directory (--model DIR), or build the bundled model: make model",
             )
         path_or_id = BUNDLED_MODEL
     path = resolve_model(path_or_id)
+    tokenizer = Tokenizer.load(path)
     model, config = load_model(path, dtype=parse_dtype(dtype), device=device or default_device())
+    check_tokenizer_fits(tokenizer, config, path)
     return CodeGemma(
         config=config,
         model=model.eval(),
-        tokenizer=Tokenizer.load(path),
+        tokenizer=tokenizer,
         path=path,
         max_batch_size=max_batch_size,
     )

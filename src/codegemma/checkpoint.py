@@ -5,11 +5,9 @@ Key choice: loading copies no weight it does not have to. We parse the safetenso
 zero-copy view (`torch.frombuffer`) of a private copy-on-write `mmap` of its file, build the model
 on the meta device and assign the views into it (`load_state_dict(assign=True)`). Only a dtype
 conversion copies, one tensor at a time. The views hold the mmaps alive; in-place writes (training)
-go to private pages and never reach the file. Measured (235 MB fp32 checkpoint, load as float32):
-RSS +3.7 MB after load_model, anonymous memory +0.1 MB after reading every weight (loading as
-bfloat16: +118 MB, the converted copy). safetensors 0.8.0's `safe_open` is zero-copy too (200 MB
-tensor: RSS +9 MB on get_tensor, no anonymous growth on reading); we keep our own reader for its
-precise errors on truncated or corrupt files.
+go to private pages and never reach the file, and loading adds almost nothing to the process's
+memory beyond the page cache (peak RSS in docs/benchmarks.md). safetensors' own `safe_open` is
+zero-copy too; we keep our own reader for its precise errors on truncated or corrupt files.
 
 Saving writes with `safetensors.torch.save_file`, names files exactly as transformers does, and
 commits atomically: a new directory is written beside the target and renamed into place; an
@@ -46,6 +44,7 @@ from codegemma.config import ConfigError, ModelConfig
 from codegemma.errors import CheckpointError
 from codegemma.fileio import file_mode, write_text_atomic
 from codegemma.model import GemmaForCausalLM
+from codegemma.tokenizer import Tokenizer
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -390,6 +389,40 @@ def _check_state(
             )
 
 
+def _checked(
+    path: Path, dtype: torch.dtype | None
+) -> tuple[ModelConfig, dict[str, tuple[SafetensorsHeader, TensorEntry]], GemmaForCausalLM]:
+    """Config, weight headers and a meta-device model of `path`, checked against each other
+    (names, shapes, dtypes) without reading a weight."""
+    config = load_config(path)
+    entries = _weight_entries(path)
+    if EMBED not in entries:
+        raise CheckpointError(f"checkpoint {path} lacks {EMBED}; is it a Gemma checkpoint?")
+    config = _with_dtype(config, dtype or entries[EMBED][1].torch_dtype)
+    with torch.device("meta"):
+        model = GemmaForCausalLM(config)
+    _check_state(path, {k: v.shape for k, v in model.state_dict().items()}, entries, config)
+    return config, entries, model
+
+
+def validate_model_dir(model_dir: str | os.PathLike) -> ModelConfig:
+    """The checks `load_model` makes, from the headers alone: config.json parses and describes a
+    Gemma model, and every weight it implies is present with the right shape and a float dtype.
+    Raises CheckpointError naming the file and the fix."""
+    return _checked(_model_dir(model_dir), None)[0]
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, path: Path) -> None:
+    """A tokenizer may have fewer tokens than the embedding has rows (padded vocabularies), never
+    more: ids past the table would fail at the first lookup."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but {path / CONFIG_NAME} gives "
+            f"the model vocab_size {config.vocab_size}: tokenizer and weights are from different "
+            "models; put the model's own tokenizer files next to its weights"
+        )
+
+
 def load_model(
     model_dir: str | os.PathLike,
     *,
@@ -405,16 +438,9 @@ def load_model(
     """
     device = torch.device("cpu" if device is None else device)
     path = _model_dir(model_dir)
-    config = load_config(path)
-    entries = _weight_entries(path)
-    if EMBED not in entries:
-        raise CheckpointError(f"checkpoint {path} lacks {EMBED}; is it a Gemma checkpoint?")
-    target = parse_dtype(dtype) or entries[EMBED][1].torch_dtype
-    config = _with_dtype(config, target)
-    with torch.device("meta"):
-        model = GemmaForCausalLM(config)
+    config, entries, model = _checked(path, parse_dtype(dtype))
+    target = getattr(torch, config.torch_dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    _check_state(path, expected, entries, config)
     views: dict[Path, dict[str, Tensor]] = {}
     state = {}
     for name in expected:  # a tied checkpoint's lm_head copy was checked above, not loaded

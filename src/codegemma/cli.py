@@ -12,10 +12,19 @@ function in their package; those modules import their heavy dependencies only wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from codegemma.engine.sampling import SamplingParams
+from codegemma.errors import CodegemmaError, UsageError
+from codegemma.middle import MODES
+from codegemma.options import add_dataclass_options, add_model_options, dataclass_values
+from codegemma.prompts import FimMode
 
 SUBSYSTEMS = (
     "codegemma.train.tokenizer_trainer",
@@ -26,40 +35,17 @@ SUBSYSTEMS = (
 )
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="model directory or HF-cache id (default: the bundled model)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="compute dtype (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
-    )
-
-
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    add_dataclass_options(
+        p,
+        SamplingParams,
+        exclude=("repetition_penalty", "presence_penalty", "frequency_penalty"),
+        defaults={"max_new_tokens": max_new_tokens},
+    )
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    return dataclass_values(args, SamplingParams)
 
 
 def _load(args: argparse.Namespace):
@@ -72,9 +58,9 @@ def split_at_cursor(text: str, line: int, column: int) -> tuple[str, str]:
     """(prefix, suffix) of `text` at a 1-based line and column, as editors count them."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
-        raise ValueError(f"--line {line} is outside the file (1..{len(lines)})")
+        raise UsageError(f"--line {line} is outside the file (1..{len(lines)})")
     if not 1 <= column <= len(lines[line - 1]) + 1:
-        raise ValueError(
+        raise UsageError(
             f"--column {column} is outside line {line} (1..{len(lines[line - 1]) + 1})"
         )
     offset = sum(len(ln) + 1 for ln in lines[: line - 1]) + column - 1
@@ -87,7 +73,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     path = args.path
     if args.file:
         if args.line is None or args.column is None:
-            raise ValueError("--file needs --line and --column (1-based) to place the cursor")
+            raise UsageError("--file needs --line and --column (1-based) to place the cursor")
         prefix, suffix = split_at_cursor(
             Path(args.file).read_text(encoding="utf-8"), args.line, args.column
         )
@@ -95,7 +81,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     elif args.prefix is not None:
         prefix, suffix = _unescape(args.prefix), _unescape(args.suffix or "")
     else:
-        raise ValueError("give --prefix [--suffix], or --file with --line and --column")
+        raise UsageError("give --prefix [--suffix], or --file with --line and --column")
     files = [ContextFile(path=f, text=Path(f).read_text(encoding="utf-8")) for f in args.context]
     cg = _load(args)
     middle = cg.complete(
@@ -145,11 +131,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from codegemma.checkpoint import describe, resolve_model
-    from codegemma.config import ModelConfig
+    """What `complete` would load, checked the same way (config against the weights' headers, the
+    tokenizer and its FIM tokens, tokenizer against the embedding), without reading a weight."""
+    from codegemma.checkpoint import (
+        check_tokenizer_fits,
+        describe,
+        resolve_model,
+        validate_model_dir,
+    )
+    from codegemma.tokenizer import Tokenizer
 
     path = resolve_model(args.model) if args.model else _bundled_path()
-    config = ModelConfig.load(path)
+    config = validate_model_dir(path)
+    tokenizer = Tokenizer.load(path)
+    check_tokenizer_fits(tokenizer, config, path)
     info = {
         "path": str(path),
         "attention": config.attention_kind,
@@ -157,6 +152,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         "non_embedding_parameters": config.num_non_embedding_parameters,
         "config": config.to_hf_dict(),
         "checkpoint": describe(path),
+        "tokenizer": {
+            "file": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "special_ids": {
+                k: v for k, v in dataclasses.asdict(tokenizer.special).items() if v is not None
+            },
+            "chat": tokenizer.special.start_of_turn is not None,
+        },
     }
     print(json.dumps(info, indent=2, default=str))
     return 0
@@ -168,12 +171,22 @@ def _bundled_path() -> Path:
     return BUNDLED_MODEL
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with codegemma's one error format: `<prog>: error: <message>` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codegemma", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="codegemma", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or CODEGEMMA_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("complete", help="fill in the middle between a prefix and a suffix")
-    _model_args(p)
+    add_model_options(p)
     p.add_argument("--prefix", help="text before the cursor (\\n escapes allowed)")
     p.add_argument("--suffix", help="text after the cursor")
     p.add_argument("--file", help="a source file; the cursor is at --line/--column (1-based)")
@@ -187,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="another file of the repository to show the model (repeatable)",
     )
-    p.add_argument("--mode", choices=["auto", "line", "block"], default="auto")
+    p.add_argument("--mode", choices=MODES, default="auto", help="auto: line mid-line, else block")
     p.add_argument(
         "--fim-mode",
-        choices=["psm", "spm"],
-        default="psm",
+        choices=[m.value for m in FimMode],
+        default=FimMode.PSM.value,
         help="prompt layout: prefix-suffix-middle (CodeGemma's documented) or suffix-prefix-middle",
     )
     p.add_argument("--show", action="store_true", help="print prefix + middle + suffix")
@@ -199,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("chat", help="chat with an instruction-tuned model")
-    _model_args(p)
+    add_model_options(p)
     p.add_argument("--message", help="one message, answered, then exit (default: interactive)")
     p.add_argument("--system", help="folded into the first user turn (Gemma has no system role)")
     _sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="config, parameter count, dtype and files of a model")
-    p.add_argument("--model", "-m", default=None)
+    p = sub.add_parser("info", help="check a model and show its config, tokenizer and files")
+    p.add_argument("--model", "-m", default=None, help="model directory or HF-cache id")
     p.set_defaults(func=cmd_info)
 
     for name in SUBSYSTEMS:
@@ -224,9 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"codegemma {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (CodegemmaError, OSError) as e:
+        if args.debug or os.environ.get("CODEGEMMA_DEBUG"):
+            raise
+        return report_error(f"codegemma {args.command}", e)
+
+
+def report_error(prog: str, error: BaseException) -> int:
+    """Print an error in the one format (`<prog>: error: <message>`, then `fix: ...` when the
+    error carries one) and return the exit code 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    fix = getattr(error, "fix", None)
+    if fix:
+        print(f"  fix: {fix}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

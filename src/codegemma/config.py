@@ -2,7 +2,8 @@
 
 The field names are transformers' `GemmaConfig` names, so `to_hf_dict()` / `from_hf_dict()` are
 nearly the identity and a config written here loads in `AutoConfig` (model_type "gemma").
-Published hyperparameters: shared/reference/codegemma-facts.md (CodeGemma = Gemma 1 architecture).
+Published hyperparameters: the CodeGemma report (arXiv:2406.11409) and the Gemma report
+(arXiv:2403.08295); CodeGemma uses the Gemma 1 architecture.
 
     >>> ModelConfig.preset("2b").num_key_value_heads   # multi-query attention
     1

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,18 +87,23 @@ def add_dataclass_options(
     exclude: Collection[str] = (),
     dest_prefix: str = "",
     describe: Callable[[dataclasses.Field], str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """One flag per field of `cls` (those with `cli` metadata not False, minus `exclude`)."""
+    """One flag per field of `cls` (those with `cli` metadata not False, minus `exclude`);
+    `defaults` gives this command its own default for some fields (passed to `cls` when unset)."""
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         kind = base_type(cls, f.name)
         text = describe(f) if describe else f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default is not dataclasses.MISSING and kind is not bool:
+        default = defaults.get(f.name, f.default)
+        if default is not dataclasses.MISSING and kind is not bool:
             text = f"{text} (default: {default})".lstrip()
         kwargs: dict[str, Any] = dict(
-            dest=dest_prefix + f.name, default=argparse.SUPPRESS, help=text or None
+            dest=dest_prefix + f.name,
+            default=defaults.get(f.name, argparse.SUPPRESS),
+            help=text or None,
         )
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:

@@ -1,6 +1,7 @@
 """Fill-in-the-middle training samples: split points, PSM/SPM layout, and whole repo samples.
 
-CodeGemma trains with FIM rate 0.8 (0.9 for 2B v1.1), PSM and SPM 50-50 (codegemma-facts.md).
+CodeGemma trains with FIM rate 0.8 (0.9 for 2B v1.1), PSM and SPM 50-50 (CodeGemma report,
+arXiv:2406.11409; the FIM paper, Bavarian et al. 2022, arXiv:2207.14255).
 Each file of a packed repository sample is FIM'd on its own (context-level FIM: the other files
 stay whole around it), and its token layout comes from `codegemma.prompts`, the one place
 shared with inference. Three split modes:

@@ -17,36 +17,39 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from codegemma.errors import UsageError
+from codegemma.options import option
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    presence_penalty: float = 0.0  # 0 = off
-    frequency_penalty: float = 0.0  # 0 = off
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
-    stop_strings: tuple[str, ...] = ()
+    max_new_tokens: int = option(128, "tokens to generate at most")
+    temperature: float = option(0.0, "0 = greedy")
+    top_k: int = option(0, "sample from the k most likely tokens (0 = off)")
+    top_p: float = option(1.0, "nucleus sampling mass (1 = off)")
+    repetition_penalty: float = option(1.0, "CTRL-style penalty on seen tokens (1 = off)")
+    presence_penalty: float = option(0.0, "OpenAI presence penalty (0 = off)")
+    frequency_penalty: float = option(0.0, "OpenAI frequency penalty (0 = off)")
+    seed: int | None = option(None, "seed of the sampler (none: unseeded)")
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset, metadata={"cli": False})
+    stop_strings: tuple[str, ...] = option((), cli=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
         if any(not s for s in self.stop_strings):
-            raise ValueError("stop strings must be non-empty")
+            raise UsageError("stop strings must be non-empty")
         object.__setattr__(self, "stop_token_ids", frozenset(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
@@ -111,7 +114,7 @@ def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generato
     stays finite and keeps the probability mass."""
     logits = torch.nan_to_num(logits.double(), nan=float("-inf"), neginf=float("-inf"))
     if not torch.isfinite(logits).any():
-        raise ValueError("the model produced no finite logit (all NaN or -inf): check the weights")
+        raise UsageError("the model produced no finite logit (all NaN or -inf): check the weights")
     if params.greedy:
         return int(logits.argmax())
     logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)

@@ -1,13 +1,13 @@
 """CPU kernels for decoding, and the functions that use them where they are faster.
 
 A decode step multiplies one activation row per sequence by every weight matrix, so on CPU it is
-bound by how fast the weights stream from memory; torch's GEMM reaches ~60% of the read bandwidth
-on these shapes (see docs/benchmarks.md). `cpu.c` has a matmul for a few rows that reads each
+bound by how fast the weights stream from memory, and torch's GEMM stays well below the read
+bandwidth on these shapes (docs/benchmarks.md, bench_gemv.py). `cpu.c` has a matmul for a few rows that reads each
 weight row once per call and runs at the memory's speed, and fused RMSNorm and rotary embedding
 (one pass each where torch takes 6-10 small ops, which dominate a small model's step).
 
 The C file ships with the package and is compiled on first use with the system C compiler
-(`$CC`, else `cc`/`gcc`; about a second) for this CPU (-march=native), into
+(`$CC`, else `cc`/`gcc`) for this CPU (-march=native), into
 `$XDG_CACHE_HOME/codegemma/kernels/<hash>/` (a temp file renamed into place, so concurrent
 first uses are safe). Without a compiler, off x86-64, or with `CODEGEMMA_KERNELS=0`, every
 function here is plain torch. Autograd, torch.compile, tensor subclasses and non-CPU tensors
