@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from codegemma.config import DTYPES as MODEL_DTYPES
 from codegemma.config import ConfigError, ModelConfig
 from codegemma.errors import CheckpointError
 from codegemma.fileio import file_mode, write_text_atomic
@@ -76,7 +77,6 @@ DTYPE_ALIASES = {
     "half": "float16",
     "float": "float32",
 }
-CONFIG_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # -- safetensors reading --------------------------------------------------------------------------
@@ -332,8 +332,8 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower().removeprefix("torch."))
     if name == "auto":
         return None
-    if name not in CONFIG_DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {CONFIG_DTYPES}")
+    if name not in MODEL_DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {MODEL_DTYPES}")
     return getattr(torch, name)
 
 
@@ -458,9 +458,9 @@ def load_model(
 
 def _with_dtype(config: ModelConfig, dtype: torch.dtype) -> ModelConfig:
     name = str(dtype).removeprefix("torch.")
-    if name not in CONFIG_DTYPES:
+    if name not in MODEL_DTYPES:
         raise CheckpointError(
-            f"weights in {name} cannot be used; load with dtype in {CONFIG_DTYPES}"
+            f"weights in {name} cannot be used; load with dtype in {MODEL_DTYPES}"
         )
     return config.replace(torch_dtype=name)
 

@@ -22,6 +22,7 @@ from codegemma.errors import ConfigError
 from codegemma.fileio import write_text_atomic
 
 MODEL_TYPE = "gemma"
+DTYPES = ("float32", "bfloat16", "float16")  # the weight/compute dtypes a model may have
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # HF Gemma: both mean the tanh approximation
 
 
@@ -69,7 +70,7 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_activation {self.hidden_activation!r} is not Gemma's; use one of {ACTIVATIONS}"
             )
-        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+        if self.torch_dtype not in DTYPES:
             raise ConfigError(
                 f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}"
             )

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")
+from codegemma.config import DTYPES
 
 
 def add_model_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
