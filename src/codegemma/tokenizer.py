@@ -50,7 +50,6 @@ SPECIAL_STRINGS: dict[str, str] = {
 REQUIRED = ("pad", "eos", "bos", "fim_prefix", "fim_middle", "fim_suffix", "file_separator")
 # Reserved slots that Gemma's files carry as plain user-defined symbols; treat them as special too.
 RESERVED_RE = re.compile(r"<unused\d+>|<mask>|\[multimodal\]|\[@BOS@\]")
-BYTE_TOKEN_RE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,9 +296,6 @@ class Tokenizer:
         if skip_special and i in self.special_ids:
             return b""
         return self._table[i]
-
-    def is_special(self, i: int) -> bool:
-        return i in self.special_ids
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, path={str(self.path)!r})"
