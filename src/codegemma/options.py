@@ -125,3 +125,33 @@ def dataclass_values(args: argparse.Namespace, cls: type, *, dest_prefix: str = 
         if key.startswith(dest_prefix) and key.removeprefix(dest_prefix) in names:
             out[key.removeprefix(dest_prefix)] = value
     return out
+
+
+def add_field_option(
+    p: argparse.ArgumentParser,
+    flag: str,
+    cls: type,
+    name: str,
+    *,
+    dest: str,
+    help: str | None = None,
+    metavar: str | None = None,
+    required: bool = False,
+) -> None:
+    """A flag for field `name` of `cls` under another name than the field's (`--shards` for
+    `num_shards`): its type, its default (shown in the help, never restated) and, unless given,
+    its help come from the field. Unset, it stays out of the namespace, so the default applies."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = base_type(cls, name)
+    text = help or field.metadata.get("help", "")
+    if field.default is not dataclasses.MISSING:
+        text = f"{text} (default: {field.default})"
+    p.add_argument(
+        flag,
+        dest=dest,
+        type=_parse(kind, _optional(field)),
+        metavar=metavar or kind.__name__.upper(),
+        required=required,
+        default=argparse.SUPPRESS,
+        help=text,
+    )

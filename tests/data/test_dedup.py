@@ -3,9 +3,12 @@ decision independent of order and of how signatures were split over workers."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import numpy as np
+import pytest
 from corpus_fixtures import GRAPH, INVENTORY, INVENTORY_NEAR
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +22,7 @@ from codegemma.data.dedup import (
     lsh_params,
 )
 from codegemma.data.document import Document
+from codegemma.fileio import file_mode
 
 DISTINCT = [
     "def mean(xs):\n    return sum(xs) / len(xs)\n\n\ndef variance(xs):\n    m = mean(xs)\n"
@@ -97,3 +101,24 @@ def test_exact_only_config() -> None:
         _docs([INVENTORY, INVENTORY_NEAR, INVENTORY]), DedupConfig(near=False)
     )
     assert len(kept) == 2 and result.stats["dropped.exact"] == 1
+
+
+def test_signatures_are_saved_atomically(tmp_path, monkeypatch) -> None:
+    sigs = Signer().sign_all([Document(INVENTORY, "r", "a.py"), Document(GRAPH, "r", "b.py")])
+    path = tmp_path / "read-00000.sig.npz"
+    sigs.save(path)
+    back = Signatures.load(path)
+    assert back.ids == sigs.ids and back.hashes == sigs.hashes
+    assert np.array_equal(back.minhash, sigs.minhash)
+    assert path.stat().st_mode & 0o777 == file_mode() and os.listdir(tmp_path) == [path.name]
+
+    def disk_full(file, **arrays):  # writes part of the file, then fails
+        with contextlib.ExitStack() as stack:
+            f = file if hasattr(file, "write") else stack.enter_context(open(file, "wb"))
+            f.write(b"PK\x03\x04 half an npz")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sigs.save(tmp_path / "read-00001.sig.npz")
+    assert os.listdir(tmp_path) == [path.name]  # no half-written file, no temporary

@@ -4,6 +4,12 @@ after a crash, the manifest's statistics, the reader, and the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +19,7 @@ from codegemma.data import pipeline
 from codegemma.data.pipeline import PrepareConfig, prepare
 from codegemma.data.shards import ShardError, open_shards
 from codegemma.data.sources import SourceConfig
+from codegemma.fileio import file_mode
 
 SEQ_LEN = 64
 
@@ -131,9 +138,160 @@ def test_resume_after_crash_gives_identical_output(
     with pytest.raises(ShardError, match="preparation did not finish"):
         open_shards(out)
     monkeypatch.setattr(pipeline, "run_shard", real)
-    prepare(_sources(corpus), out, _config(tiny_tokenizer_dir), workers=1)
+    stale = _plant_stale_temporaries(out)
+    resumed = prepare(_sources(corpus), out, _config(tiny_tokenizer_dir), workers=1)
     assert {p: p.stat().st_mtime_ns for p in done} == done  # finished shards were skipped
     assert _shard_bytes(out) == _shard_bytes(reference)
+    assert not [p for p in stale if p.exists()]
+    # identical, as docs/data.md says: the shards and the manifest but for its timing field
+    assert _untimed(resumed) == _untimed(json.loads((reference / "manifest.json").read_text()))
+    assert _untimed(json.loads((out / "manifest.json").read_text())) == _untimed(resumed)
+
+
+def _plant_stale_temporaries(out: Path) -> list[Path]:
+    """The 0-byte temporaries a `kill -9` leaves: shards being written, the manifest, `.work`."""
+    stale = [
+        out / ".shard-00002.bin.k1ll3d.tmp",
+        out / ".shard-00000.bin.0ld0ne.tmp",
+        out / ".manifest.json.x7f2a9.tmp",
+        out / ".work" / ".dedup.json.q9w8e7.tmp",
+        out / ".work" / ".read-00000.sig.npz.a1b2c3.tmp",
+    ]
+    for p in stale:
+        p.write_bytes(b"")
+    return stale
+
+
+def _untimed(manifest: dict) -> dict:
+    m = json.loads(json.dumps(manifest))
+    del m["provenance"]["seconds"]
+    return m
+
+
+def test_every_file_gets_one_mode(prepared) -> None:
+    out, _ = prepared
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.relative_to(out).as_posix() for p in files} >= {
+        "manifest.json",
+        "shard-00000.bin",
+        ".work/plan.json",
+        ".work/dedup.json",
+        ".work/read-00000.sig.npz",
+        ".work/read-00000.done.json",
+        ".work/shard-00000.done.json",
+    }
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(file_mode())}, modes
+
+
+def test_bad_entries_are_skipped_and_counted_not_fatal(
+    corpus, tiny_tokenizer_dir, tmp_path, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("CODEGEMMA_QUIET", "1")
+    alpha = corpus["alpha"]
+    with open(os.fsencode(alpha) + b"/name\xff\xfe.py", "wb") as f:  # the probe's file
+        f.write(b"print('not UTF-8 in the name')\n")
+    (alpha / "again.py").symlink_to(alpha / "README.md")
+    os.mkfifo(alpha / "queue.py")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(
+        json.dumps({"repo": "rows", "path": "ok.py", "content": "ok = 1\n"}).encode()
+        + b'\n{"repo": "rows", "path": "x\\udcff.py", "content": "x = 1\\n"}\n'
+    )
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="codegemma.data.pipeline"):
+        m = prepare([*_sources(corpus), str(rows)], out, _config(tiny_tokenizer_dir), workers=2)
+    sources = m["stats"]["sources"]
+    assert sources["skipped.bad_name"] == 2
+    assert sources["skipped.symlink"] == 1 and sources["skipped.special"] == 1
+    assert f"skipped {alpha}/name\\xff\\xfe.py: its name is not valid UTF-8" in caplog.text
+    assert f"skipped {rows}:2: its name is not valid UTF-8 (rows/x\\xff.py)" in caplog.text
+    assert f"skipped {alpha}/queue.py: not a regular file" in caplog.text
+    assert open_shards(out, verify=True).manifest == m
+    # the same warnings on a resumed run: they travel in the read jobs' results
+    (out / "manifest.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="codegemma.data.pipeline"):
+        assert (
+            _untimed(prepare([*_sources(corpus), str(rows)], out, _config(tiny_tokenizer_dir)))[
+                "stats"
+            ]
+            == _untimed(m)["stats"]
+        )
+    assert caplog.text.count("skipped ") == 4
+
+
+KILLED_RUN = """
+import os, pickle, sys, time
+from pathlib import Path
+from codegemma.data import pipeline
+
+sources, config_file, out, beats = sys.argv[1].split(os.pathsep), *sys.argv[2:]
+
+
+class StalledWriter(pipeline.ShardWriter):
+    # a shard job that has created its temporary shard and keeps writing for a minute
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        beat = Path(beats, str(os.getpid()))
+        for _ in range(1200):
+            beat.write_text(str(time.time()))
+            time.sleep(0.05)
+
+
+pipeline.ShardWriter = StalledWriter
+config = pickle.loads(Path(config_file).read_bytes())
+pipeline.prepare(sources, out, config, workers=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped running
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_kill_9_of_prepare_kills_its_workers_and_a_rerun_repairs(
+    prepared, corpus, tiny_tokenizer_dir, tmp_path
+) -> None:
+    reference, _ = prepared
+    out, beats, config_file = tmp_path / "killed", tmp_path / "beats", tmp_path / "config.pkl"
+    beats.mkdir()
+    config_file.write_bytes(pickle.dumps(_config(tiny_tokenizer_dir)))
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "CODEGEMMA_QUIET": "1"}
+    args = [os.pathsep.join(_sources(corpus)), str(config_file), str(out), str(beats)]
+    parent = subprocess.Popen([sys.executable, str(script), *args], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            workers = [int(p.name) for p in beats.iterdir()]
+        assert len(workers) == 2, f"the shard jobs did not start (exit {parent.poll()})"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
+        written = {p: p.stat().st_mtime_ns for p in [*beats.iterdir(), *out.rglob("*")]}
+        time.sleep(0.5)
+        assert written == {p: p.stat().st_mtime_ns for p in [*beats.iterdir(), *out.rglob("*")]}
+    finally:
+        for pid in workers:  # a failed run of this test must not leave them running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    stale = list(out.glob(".shard-*.tmp"))
+    assert len(stale) == 2 and not (out / "manifest.json").exists()
+    resumed = prepare(_sources(corpus), out, _config(tiny_tokenizer_dir), workers=1)
+    assert not list(out.rglob("*.tmp"))
+    assert _shard_bytes(out) == _shard_bytes(reference)
+    assert _untimed(resumed) == _untimed(json.loads((reference / "manifest.json").read_text()))
 
 
 def test_other_config_in_same_out_is_refused(prepared, corpus, tiny_tokenizer_dir) -> None:

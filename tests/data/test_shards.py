@@ -17,6 +17,7 @@ from codegemma.data.shards import (
     open_shards,
     token_dtype,
 )
+from codegemma.fileio import file_mode
 
 
 def _write_dir(tmp_path, chunks, seq_len, vocab=512):
@@ -84,3 +85,13 @@ def test_reader_validates(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ShardError, match="manifest"):
         open_shards(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")  # valid JSON, not an object
+    with pytest.raises(ShardError, match="is not a codegemma-token-shards manifest"):
+        open_shards(tmp_path)
+
+
+def test_a_shard_gets_the_mode_of_a_plain_file(tmp_path) -> None:
+    w = ShardWriter(tmp_path / "shard-00000.bin", 4, np.uint16)
+    w.add(list(range(8)))
+    w.close()
+    assert (tmp_path / "shard-00000.bin").stat().st_mode & 0o777 == file_mode()

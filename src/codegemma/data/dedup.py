@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from codegemma.data.document import Document
+from codegemma.errors import SourceError, UsageError
+from codegemma.fileio import atomic_path
 
 TOKEN = re.compile(r"[A-Za-z0-9_]+")
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -47,11 +49,11 @@ class DedupConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"dedup threshold must be in (0, 1], got {self.threshold}")
+            raise UsageError(f"dedup threshold must be in (0, 1], got {self.threshold}")
         if self.num_perm <= 0 or self.ngram <= 0:
-            raise ValueError("dedup num_perm and ngram must be positive")
+            raise UsageError("dedup num_perm and ngram must be positive")
         if self.bands and self.num_perm % self.bands:
-            raise ValueError(
+            raise UsageError(
                 f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})"
             )
 
@@ -86,14 +88,15 @@ class Signatures:
         return len(self.ids)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            ids=np.array(self.ids, dtype=object),
-            hashes=np.array(self.hashes),
-            minhash=self.minhash,
-        )
-        tmp.replace(path)
+        """An `.npz` of ids, hashes and minhash at `path`, written atomically."""
+        # a file object, not a name: np.savez would append ".npz" to the temporary's name
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                ids=np.array(self.ids, dtype=object),
+                hashes=np.array(self.hashes),
+                minhash=self.minhash,
+            )
 
     @classmethod
     def load(cls, path: Path) -> Signatures:
@@ -205,7 +208,7 @@ def cluster(sigs: Signatures, config: DedupConfig | None = None) -> DedupResult:
     ids = [sigs.ids[i] for i in order]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise ValueError(
+        raise SourceError(
             f"document id {dup!r} appears twice: two sources share a repo name and "
             f"path; name the sources apart (NAME=PATH)"
         )

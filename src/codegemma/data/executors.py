@@ -3,6 +3,10 @@
 * `LocalExecutor(workers)`: in-process for one worker (easy to debug), else a multiprocessing
   pool, forked where the OS allows (no re-import of the caller's `__main__`, fast start; the
   parent has only loaded the tokenizer, never run it, so no tokenizer threads are inherited).
+  Workers die with the parent: on Linux the kernel kills each one when the parent dies
+  (`prctl(PR_SET_PDEATHSIG)`, set in the pool initializer), and everywhere a worker checks that
+  its parent is alive before each job, so a killed `data prepare` leaves no process writing
+  into `--out` behind it.
 * `RayExecutor(workers)`: Ray Data maps the same functions over a dataset of job indices, on a
   running cluster (`ray.init(address="auto")` when `RAY_ADDRESS` is set) or a local instance.
   Workers must see `--out` at the same path (a shared filesystem on a cluster).
@@ -15,9 +19,11 @@ except by speed.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -25,12 +31,22 @@ from typing import Any
 
 from tqdm import tqdm
 
+from codegemma.errors import DataPipelineError, UsageError
+
 JobFn = Callable[[Any, int], dict[str, Any]]
+ENGINES = ("local", "ray")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise UsageError(f"--workers must be at least 1 (or left out for all CPUs), got {workers}")
 
 
 class LocalExecutor:
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        _check_workers(workers)
+        self.workers = workers or os.cpu_count() or 1
 
     def map(self, fn: JobFn, job: Any, indices: Sequence[int], desc: str) -> list[dict[str, Any]]:
         indices = list(indices)
@@ -45,8 +61,14 @@ class LocalExecutor:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
                 method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
                 ctx = mp.get_context(method)
-                with ctx.Pool(min(self.workers, len(indices))) as pool:
-                    for i, res in pool.imap_unordered(partial(_indexed, fn, job), indices):
+                parent = os.getpid()
+                with ctx.Pool(
+                    min(self.workers, len(indices)),
+                    initializer=die_with_parent,
+                    initargs=(parent,),
+                ) as pool:
+                    run = partial(_indexed, fn, job, parent)
+                    for i, res in pool.imap_unordered(run, indices):
                         results[i] = res
                         bar.update()
         finally:
@@ -54,17 +76,35 @@ class LocalExecutor:
         return [results[i] for i in indices]
 
 
-def _indexed(fn: JobFn, job: Any, i: int) -> tuple[int, dict[str, Any]]:
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: have the kernel SIGKILL this process when its parent dies (Linux), and
+    exit at once if the parent is already gone (it died before the request took effect)."""
+    if sys.platform.startswith("linux"):
+        # cannot fail with these arguments; were it to, the check before each job remains
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _exit_if_orphaned(parent)
+
+
+def _exit_if_orphaned(parent: int) -> None:
+    """An orphan is re-parented (to init or a subreaper): its parent id is no longer `parent`."""
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _indexed(fn: JobFn, job: Any, parent: int, i: int) -> tuple[int, dict[str, Any]]:
+    _exit_if_orphaned(parent)  # no new job once the parent is gone (where PDEATHSIG is missing)
     return i, fn(job, i)
 
 
 class RayExecutor:
     def __init__(self, workers: int | None = None) -> None:
+        _check_workers(workers)
         try:
             import ray
         except ImportError as e:
-            raise RuntimeError(
-                "--engine ray needs Ray Data: pip install 'ray[data]==2.60.0' (the dist extra)"
+            raise DataPipelineError(
+                "--engine ray needs Ray Data, which is not installed",
+                fix="pip install 'ray[data]==2.60.0' (the dist extra), or use --engine local",
             ) from e
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
@@ -102,8 +142,9 @@ def _quiet() -> bool:
 
 
 def get_executor(engine: str, workers: int | None = None) -> LocalExecutor | RayExecutor:
+    """The executor for `engine` (one of ENGINES) with `workers` processes (None: all CPUs)."""
     if engine == "local":
         return LocalExecutor(workers)
     if engine == "ray":
         return RayExecutor(workers)
-    raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
+    raise UsageError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")

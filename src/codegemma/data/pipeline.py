@@ -11,8 +11,10 @@
 
 Jobs are pure functions of (config, job index), so any executor gives the same bytes: the local
 engine (multiprocessing) and the Ray Data engine are checked equal in tests. Every job records a
-completion marker; a rerun with the same `--out` skips finished jobs and reproduces the rest,
-and `manifest.json` is written last.
+completion marker; a rerun with the same `--out` removes the temporary files a killed run left,
+skips finished jobs and reproduces the rest, and `manifest.json` is written last. Source entries
+that cannot be read are skipped and counted (sources.py); read jobs return their warnings, and
+the driver logs them, so they reach the console whichever engine ran the job.
 
     manifest = prepare(["repo_a", "corpus.jsonl"], "out/", PrepareConfig(tokenizer="tok/", seq_len=2048))
 """
@@ -47,30 +49,41 @@ from codegemma.data.shards import (
     token_dtype,
 )
 from codegemma.data.sources import ReadTask, SourceConfig, plan_sources, read_task
+from codegemma.errors import UsageError
 from codegemma.fileio import write_text_atomic
+from codegemma.options import option
 
 log = logging.getLogger(__name__)
 WORK = ".work"
+MAX_WARNINGS = 20  # per read job; the rest are summed up in one line (all are counted)
+
+
+def _nested(cls: type) -> Any:
+    """A field holding a step's own config (its defaults; no flag of its own)."""
+    return field(default_factory=cls, metadata={"cli": False})
 
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
-    tokenizer: str  # a path Tokenizer.load accepts
-    seq_len: int = 2048
-    num_shards: int = 8  # output shards = shard jobs; repositories are hashed onto them
-    seed: int = 0
-    sources: SourceConfig = field(default_factory=SourceConfig)
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    pii: PiiConfig = field(default_factory=PiiConfig)
-    decontam: DecontamConfig = field(default_factory=DecontamConfig)
-    fim: FimConfig = field(default_factory=FimConfig)
+    """Everything that decides the output of `prepare` (the `data prepare` flags come from the
+    fields with `option` help; the nested configs have their own defaults)."""
+
+    tokenizer: str = option(help="tokenizer directory or file (a path Tokenizer.load accepts)")
+    seq_len: int = option(2048, "tokens per training sequence")
+    num_shards: int = option(8, "output shards = shard jobs; repositories are hashed onto them")
+    seed: int = option(0, "seed of the FIM choices (per repository) and the repository order")
+    sources: SourceConfig = _nested(SourceConfig)
+    filters: FilterConfig = _nested(FilterConfig)
+    dedup: DedupConfig = _nested(DedupConfig)
+    pii: PiiConfig = _nested(PiiConfig)
+    decontam: DecontamConfig = _nested(DecontamConfig)
+    fim: FimConfig = _nested(FimConfig)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+            raise UsageError(f"seq_len (--seq-len) must be at least 2, got {self.seq_len}")
         if self.num_shards < 1:
-            raise ValueError(f"num_shards must be at least 1, got {self.num_shards}")
+            raise UsageError(f"num_shards (--shards) must be at least 1, got {self.num_shards}")
 
     def to_dict(self) -> dict[str, Any]:
         d = as_dict(self)
@@ -108,8 +121,9 @@ def run_read(job: Job, index: int) -> dict[str, Any]:
         return json.loads(marker.read_text())
     task, cfg = job.tasks[index], job.config
     source_stats: Counter[str] = Counter()
+    warnings: list[str] = []
     filters = QualityFilters(cfg.filters)
-    docs = list(filters.run(read_task(task, source_stats, cfg.sources)))
+    docs = list(filters.run(read_task(task, source_stats, cfg.sources, warn=warnings.append)))
     Signer(cfg.dedup).sign_all(docs).save(_work(job) / f"read-{index:05d}.sig.npz")
     parts: dict[int, list[str]] = defaultdict(list)
     for d in docs:
@@ -120,9 +134,17 @@ def run_read(job: Job, index: int) -> dict[str, Any]:
     result = {
         "stats": Stats({"sources": source_stats, "filters": filters.stats}).to_dict(),
         "buckets": sorted(parts),
+        "warnings": _capped(warnings),
     }
     write_text_atomic(marker, json.dumps(result))
     return result
+
+
+def _capped(warnings: list[str]) -> list[str]:
+    if len(warnings) <= MAX_WARNINGS:
+        return warnings
+    rest = len(warnings) - MAX_WARNINGS
+    return [*warnings[:MAX_WARNINGS], f"... and {rest} more skipped (counted in the stats)"]
 
 
 # -- phase 2: dedup ----------------------------------------------------------------------------
@@ -245,6 +267,7 @@ def prepare(
     tasks = tuple(plan_sources(sources, config.sources))
     job = Job(out=str(out), config=config, tasks=tasks, tokenizer_fingerprint=tok.fingerprint)
     plan = _check_plan(job, sources)
+    remove_stale_temporaries(out)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("plan") == plan:
@@ -253,6 +276,9 @@ def prepare(
     executor = get_executor(engine, workers)
     t0 = time.perf_counter()
     read_results = executor.map(run_read, job, [t.index for t in tasks], "read")
+    for result in read_results:
+        for warning in result.get("warnings", ()):
+            log.warning("warning: %s", warning)
     dedup = run_dedup(job)
     shard_results = executor.map(run_shard, job, list(range(config.num_shards)), "shards")
     manifest = _manifest(job, tok, plan, read_results, dedup, shard_results)
@@ -263,6 +289,22 @@ def prepare(
     for p in _work(job).glob("docs-*.jsonl"):  # intermediates: a copy of the corpus
         p.unlink()
     return manifest
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary files a killed run left in `out` (half-written shards, manifest and
+    `.work` files; a finished write renames its temporary away): a rerun rewrites what they
+    were for. Returns what was removed."""
+    stale = [
+        *out.glob(".shard-*.tmp"),
+        *out.glob(f".{MANIFEST}.*.tmp"),
+        *(out / WORK).glob(".*.tmp"),
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) an interrupted run left in %s", len(stale), out)
+    return stale
 
 
 def _check_plan(job: Job, sources: Sequence[str]) -> str:

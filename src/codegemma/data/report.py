@@ -86,6 +86,8 @@ def summary(manifest: dict[str, Any]) -> list[str]:
         drops = {k: v for k, v in counts.items() if k.startswith(("dropped.", "skipped."))}
         lines += _section(f"{stage}: dropped by reason", drops)
         if stage == "dedup" and counts:
+            if not drops:  # the cluster count still needs its heading
+                lines.append("\ndedup: nothing dropped")
             lines.append(f"  near-duplicate clusters: {counts.get('near_clusters', 0)}")
     for cluster in manifest.get("dedup_clusters", [])[:5]:
         lines.append(

@@ -7,9 +7,10 @@ Layout of a prepared directory:
     .work/                 plan, completion markers and intermediates (resume state)
 
 dtype is uint16 when the vocabulary fits (<= 65536 ids), else uint32. A shard is written to a
-temporary file and renamed into place when complete, and only then is its completion marker
-written, so a crash never leaves a shard that looks done; the manifest is written last, so a
-directory with a manifest is complete. `open_shards(dir)` validates the manifest against the
+temporary file (`.shard-00000.bin.*.tmp`) and renamed into place when complete, and only then is
+its completion marker written, so a crash never leaves a shard that looks done (a rerun removes
+the temporaries a killed run leaves); the manifest is written last, so a directory with a
+manifest is complete. Every file gets the one mode of `codegemma.fileio.file_mode()`. `open_shards(dir)` validates the manifest against the
 files (sizes, optionally checksums and the tokenizer) and yields `[seq_len]` arrays.
 
     ds = open_shards("data/out", expect_tokenizer=tok.fingerprint)
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from codegemma.errors import ShardError
-from codegemma.fileio import write_text_atomic
+from codegemma.fileio import file_mode, write_text_atomic
 
 FORMAT = "codegemma-token-shards"
 VERSION = 1
@@ -116,6 +117,7 @@ class ShardWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+            os.chmod(self._tmp, file_mode())  # mkstemp makes 0600
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
@@ -270,6 +272,8 @@ def load_manifest(directory: Path) -> dict[str, Any]:
         m = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ShardError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(m, dict):
+        raise ShardError(f"{path} is not a {FORMAT} manifest (a JSON {type(m).__name__})")
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ShardError(
             f"{path} is not a {FORMAT} v{VERSION} manifest "
