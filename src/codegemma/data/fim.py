@@ -45,6 +45,7 @@ from codegemma import prompts
 from codegemma.data.base import stable_int
 from codegemma.data.document import Document, language_of
 from codegemma.errors import FimError
+from codegemma.options import option
 
 SPLIT_MODES = ("char", "line", "syntax")
 
@@ -67,9 +68,9 @@ _PACK_NAMES: dict[str, tuple[str, ...]] = {"csharp": ("csharp", "c_sharp")}
 
 @dataclass(frozen=True, kw_only=True)
 class FimConfig:
-    rate: float = 0.8  # share of files FIM'd (the rest stay plain text)
-    spm_rate: float = 0.5  # share of FIM'd files in SPM layout (the rest PSM)
-    syntax_rate: float = 0.9  # share of FIM'd files split at syntax nodes
+    rate: float = option(0.8, "share of files FIM'd, the rest stay plain text")
+    spm_rate: float = option(0.5, "share of FIM'd files in SPM layout, the rest PSM")
+    syntax_rate: float = option(0.9, "share of FIM'd files split at syntax nodes")
     line_rate: float = 0.0  # share split at line boundaries; the remainder is char-level
     max_middle_chars: int | None = None  # cap on the middle's length, any mode
     sibling_run_rate: float = 0.3  # syntax mode: chance a node with later siblings is widened
