@@ -125,7 +125,9 @@ class _HFBackend:
             self.pieces[i] = piece
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode holds it), so a server's other
+        # threads and its event loop keep running while a long prompt is tokenized
+        return self.tk.encode_batch([text], add_special_tokens=False)[0].ids
 
     def piece_to_id(self, piece: str) -> int | None:
         return self.tk.token_to_id(piece)
@@ -204,6 +206,15 @@ class Tokenizer:
         is_json = file.suffix == ".json" or data.lstrip()[:1] == b"{"
         backend = _HFBackend(data) if is_json else _SPBackend(data)
         return cls(backend, path=file, data=data, names=names)
+
+    @classmethod
+    def from_sentencepiece(
+        cls, data: bytes, *, path: str | os.PathLike, names: dict[str, str] | None = None
+    ) -> Tokenizer:
+        """A tokenizer from a serialized sentencepiece ModelProto (e.g. one rebuilt from a GGUF
+        file's vocabulary); `path` names its origin in messages, `names` overrides the special
+        token strings (default Gemma's)."""
+        return cls(_SPBackend(data), path=Path(path), data=data, names=names)
 
     def _find_special(self, names: dict[str, str]) -> SpecialTokens:
         ids = {key: self._backend.piece_to_id(tok) for key, tok in names.items()}

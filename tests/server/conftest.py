@@ -17,7 +17,7 @@ import uvicorn
 
 import codegemma
 from codegemma.engine import Engine
-from codegemma.server import ServerSettings, create_app
+from codegemma.server import ServerSettings, create_app, uvicorn_config
 
 MODEL_ID = "tiny-codegemma"
 
@@ -36,7 +36,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def run_server(app) -> Iterator[str]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    settings = app.state.server.settings
+    config = uvicorn_config(
+        app, settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -89,9 +92,7 @@ def _wait_idle(app, timeout: float = 60.0) -> None:
     on a loaded CI machine the last requests of a burst can take seconds to drain."""
     scheduler = app.state.server.scheduler
     deadline = time.monotonic() + timeout
-    while scheduler.in_flight or scheduler.active or scheduler.queue_depth:
+    while (load := scheduler.load()).in_flight or load.active or load.queue_depth:
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"not idle: in_flight={scheduler.in_flight} active={scheduler.active}"
-            )
+            raise AssertionError(f"not idle: in_flight={load.in_flight} active={load.active}")
         time.sleep(0.01)

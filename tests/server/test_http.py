@@ -226,7 +226,7 @@ def test_an_editor_retyping_reuses_the_prefix_cache(server_app, wait_idle):
     """The same FIM request twice (a keystroke that changed nothing before the cursor): the second
     prefill takes all but the last prompt token from a free slot's cache; the answer is the same."""
     url, app = server_app
-    metrics = app.state.server.metrics
+    metrics = app.state.server.metrics.scheduler
     context = "import math\n\n\ndef circle(radius):\n    return math.pi * radius**2\n\n\n" * 3
     body = {
         "prompt": context + "def area(r):\n    return ",  # long enough to be worth reusing
@@ -263,7 +263,7 @@ def test_an_spm_server_builds_spm_prompts_and_reuses_nearly_all_of_them(serve, w
             wait_idle(app)
         expected = prompts.fim_prompt(tok, context + typed, body["suffix"], mode="spm")
         assert seen[-1] == expected
-        metrics = app.state.server.metrics
+        metrics = app.state.server.metrics.scheduler
         assert metrics.cached_prompt_tokens.total() >= len(seen[0]) - 8
 
 
@@ -297,7 +297,7 @@ def test_streaming_client_disconnect_frees_its_slot(serve, wait_idle, monkeypatc
         ):
             next(r.iter_bytes())  # the stream is running; now hang up
         wait_idle(app)
-        metrics = app.state.server.metrics
+        metrics = app.state.server.metrics.scheduler
         assert metrics.sequences.value(reason="cancelled") == 1
         assert metrics.generated_tokens.total() < 400
 
@@ -313,10 +313,18 @@ def test_plain_request_client_disconnect_is_cancelled(serve, wait_idle, monkeypa
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            metrics = app.state.server.metrics
+            metrics = app.state.server.metrics.scheduler
             deadline = time.monotonic() + 10
             while metrics.generated_tokens.total() < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
         wait_idle(app)
         assert metrics.sequences.value(reason="cancelled") == 1
         assert metrics.generated_tokens.total() < 400
+
+
+def test_an_app_for_a_loaded_model_is_named_after_its_directory(tiny_cg):
+    from codegemma.server import app_for_model
+
+    app = app_for_model(tiny_cg)
+    assert app.state.server.model_id == tiny_cg.path.name
+    assert app.state.server.scheduler.engine is tiny_cg.engine

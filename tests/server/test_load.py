@@ -1,9 +1,11 @@
 """Concurrent clients on loopback: batching, bounded queue (503 + Retry-After), disconnects.
 
-The default run has 8 clients (some streaming, some hanging up mid-stream); `-m slow` runs the
-32-client load test and prints p50/p95 latency and tokens/s. Both check that every request either
-succeeded or got an intended 503, that decode steps really batched several requests, and that the
-server is back to idle (no slot or queue entry leaked) afterwards.
+The default run has 8 clients (some streaming, some hanging up mid-stream) over 4 slots and 2
+queue places; the engine is held until the queue has refused someone, so the overload happens
+however the clients' arrivals are spread out by the machine's load. `-m slow` runs the 32-client
+load test and prints p50/p95 latency and tokens/s. Both check that every request either succeeded
+or got an intended 503, that decode steps really batched several requests, and that the server is
+back to idle (no slot or queue entry leaked) afterwards.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +34,8 @@ class LoadResult:
 async def _one(client: httpx.AsyncClient, kind: str, max_tokens: int, out: LoadResult) -> None:
     request = {"prompt": f"def f{kind}(", "max_tokens": max_tokens, "temperature": 0.8}
     started = time.perf_counter()  # latency as the client sees it, 503 retries included
-    for _attempt in range(200):
+    deadline = time.monotonic() + 120  # retries are bounded by time, not by a count
+    while time.monotonic() < deadline:
         if kind == "plain":
             r = await client.post("/v1/completions", json=request)
             if r.status_code == 200:
@@ -112,9 +116,28 @@ def _batch_sizes(metrics) -> list[int]:
     return sizes
 
 
-def test_eight_concurrent_clients_with_disconnects(serve, wait_idle):
+def hold_engine_until_rejected(app, monkeypatch, timeout: float = 120.0) -> None:
+    """Engine steps wait until the server has answered a 503. Nothing finishes before then, so
+    every client is in flight at once: admitted (4 slots + 2 queued) or refused."""
+    engine, rejected = app.state.server.scheduler.engine, app.state.server.metrics.rejected
+    step, overloaded = engine.step, threading.Event()
+
+    def held_step():
+        deadline = time.monotonic() + timeout  # a bound for a broken test, not a timing
+        while not overloaded.is_set():
+            if rejected.total() > 0 or time.monotonic() > deadline:
+                overloaded.set()  # from now on every step runs at once
+            else:
+                time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+
+
+def test_eight_concurrent_clients_with_disconnects(serve, wait_idle, monkeypatch):
     clients = [[k] for k in ["plain", "stream", "disconnect"] * 2 + ["plain", "stream"]]
     with serve(max_batch_size=4, max_queue=2, max_tokens=16) as (url, app):
+        hold_engine_until_rejected(app, monkeypatch)
         out = asyncio.run(run_load(url, clients, max_tokens=12))
         check(app, out, clients, wait_idle)
         assert out.rejected > 0, "8 clients over 4 slots + 2 queued: some must get 503"

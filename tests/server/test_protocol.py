@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 from hypothesis import example, given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from codegemma import middle
+from codegemma.errors import UsageError
 from codegemma.middle import FimRequest
 from codegemma.prompts import parse_fim_text
 from codegemma.server import protocol
@@ -83,6 +85,42 @@ def test_server_settings_validate():
         ServerSettings(served_model_name=" ")
     with pytest.raises(ValueError, match="max_n"):
         ServerSettings(max_n=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("max_n", 0, "--max-n"),
+        ("max_queue", -1, "--max-queue"),
+        ("body_timeout_s", 0.0, "--body-timeout-s"),
+        ("header_timeout_s", -1.0, "--header-timeout-s"),
+        ("fim_mode", "pms", "--fim-mode"),
+        ("api_key", "", "--api-key"),
+    ],
+)
+def test_bad_settings_are_usage_errors_naming_the_field_and_the_fix(field, value, flag):
+    with pytest.raises(UsageError, match=field) as e:
+        ServerSettings(**{field: value})
+    assert e.value.fix and flag in e.value.fix
+
+
+def test_serve_flags_are_generated_from_the_settings_fields():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
+    assert settings_from_args(args, "m") == ServerSettings(
+        served_model_name="m"
+    )  # no restated default
+    args = parser.parse_args(
+        ["serve", "--body-timeout-s", "2.5", "--max-prompt-tokens", "none", "--max-n", "3"]
+    )
+    s = settings_from_args(args, "m")
+    assert (s.body_timeout_s, s.max_prompt_tokens, s.max_n) == (2.5, None, 3)
+    flags = parser._subparsers._group_actions[0].choices["serve"]._option_string_actions
+    for field in dataclasses.fields(ServerSettings):
+        assert ("--" + field.name.replace("_", "-")) in flags, field.name
+    for flag in ("--model", "--dtype", "--device", "--host", "--port", "--max-batch-size"):
+        assert flag in flags
 
 
 lines = st.lists(

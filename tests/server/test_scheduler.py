@@ -7,16 +7,14 @@ import asyncio
 import pytest
 
 from codegemma.engine import Engine, SamplingParams
-from codegemma.server.prometheus import ServerMetrics
+from codegemma.server.prometheus import SchedulerMetrics, ServerMetrics
 from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler
 
 
 @pytest.fixture
 def scheduler(tiny_cg):
     engine = Engine(tiny_cg.model, tiny_cg.tokenizer, max_batch_size=4)
-    metrics = ServerMetrics()
-    s = Scheduler(engine, max_queue=4, metrics=metrics)
-    metrics.attach(s)
+    s = Scheduler(engine, max_queue=4, events=SchedulerMetrics())
     yield s
     s.stop()
 
@@ -40,9 +38,10 @@ def test_concurrent_submissions_match_the_engine_alone(scheduler, tiny_cg):
     got = [r[0].token_ids for r in asyncio.run(main())]
     reference = Engine(tiny_cg.model, tiny_cg.tokenizer, max_batch_size=1)
     assert got == [r.token_ids for r in reference.generate(prompts, params)]
-    metrics = scheduler.metrics
-    assert metrics.batch.count() >= 10 and scheduler.in_flight == 0
+    assert scheduler.events.batch.count() >= 10 and scheduler.in_flight == 0
+    metrics = ServerMetrics(scheduler.events, load=scheduler.load)
     assert 'codegemma_step_batch_size_bucket{le="4"}' in metrics.render()
+    assert "\ncodegemma_in_flight_sequences 0\n" in metrics.render()
 
 
 def test_admission_is_bounded_and_all_or_nothing(scheduler, tiny_cg):

@@ -1,8 +1,10 @@
 """The FastAPI app: OpenAI- and llama.cpp-compatible routes over one scheduler thread.
 
-    from codegemma.server import create_app, ServerSettings
-    app = create_app(codegemma.load("path/to/model"), ServerSettings(served_model_name="cg-2b"))
-    uvicorn.run(app, host="127.0.0.1", port=8000)      # or: codegemma serve --model ...
+    from codegemma.server import ServerSettings, app_for_model, create_app, uvicorn_config
+    app = app_for_model(codegemma.load("path/to/model"))          # named after its directory
+    app = create_app(engine, ServerSettings(served_model_name="cg-2b"))   # or any Engine
+    uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=8000)).run()
+    # or: codegemma serve --model ...
 
 Routes: POST /v1/completions (+ `suffix` for FIM), POST /v1/chat/completions, POST /infill
 (llama.cpp), GET /v1/models, GET /health, GET /metrics (Prometheus). Handlers validate, plan
@@ -10,8 +12,11 @@ Routes: POST /v1/completions (+ `suffix` for FIM), POST /v1/chat/completions, PO
 (503 + Retry-After when full), then answer JSON or SSE (responses.py). A client that disconnects
 has its sequences cancelled: streams through the generator's `finally`, plain requests by a
 watcher on the ASGI receive channel. Pure-ASGI middlewares, outermost first: metrics (status and
-latency per route, streams timed to their end), body checks (413 over the size limit, 400 if not UTF-8), API key (401;
-`hmac.compare_digest`). Every error body has OpenAI's shape.
+latency per route, streams timed to their end), API key (401, `hmac.compare_digest`, before any of
+the body is read), body checks (413 over the size limit, 408 if the body does not arrive within
+`body_timeout_s`, 400 if not UTF-8). Every error body has OpenAI's shape; an error answered before
+the body was read closes the connection (`Connection: close`), so the unread body is never
+waited for.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,12 +38,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codegemma.engine import Engine
+from codegemma.errors import UsageError
 from codegemma.server import protocol, responses, serving
-from codegemma.server.prometheus import ServerMetrics
-from codegemma.server.protocol import APIError, error_body
+from codegemma.server.prometheus import SchedulerMetrics, ServerMetrics
+from codegemma.server.protocol import SHAPES, APIError, error_body
 from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler, Submission
-from codegemma.server.serving import Plan, ServingContext
+from codegemma.server.serving import Plan, ServingContext, longest_piece
 from codegemma.server.settings import ServerSettings
+from codegemma.server.transport import timeout_error
+from codegemma.tokenizer import TextCodec
+
+if TYPE_CHECKING:
+    from codegemma.api import CodeGemma
 
 log = logging.getLogger("codegemma.server")
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, editors)
@@ -47,16 +58,18 @@ OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balan
 class ServerState:
     """What the routes share: context for planning, the scheduler, metrics, the model id."""
 
-    def __init__(self, engine: Engine, tokenizer, settings: ServerSettings) -> None:
+    def __init__(self, engine: Engine, tokenizer: TextCodec, settings: ServerSettings) -> None:
         self.settings, self.model_id = settings, settings.served_model_name
-        self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(engine, max_queue=settings.max_queue, metrics=self.metrics)
-        self.metrics.attach(self.scheduler)
+        scheduler_metrics = SchedulerMetrics()
+        self.scheduler = Scheduler(engine, max_queue=settings.max_queue, events=scheduler_metrics)
+        self.metrics = ServerMetrics(scheduler_metrics, load=self.scheduler.load)
         self.ctx = ServingContext(
             tokenizer=tokenizer,
             max_seq_len=engine.max_seq_len,
             vocab_size=min(engine.model.config.vocab_size, tokenizer.vocab_size),
             settings=settings,
+            capacity=self.scheduler.capacity,
+            chars_per_token=longest_piece(tokenizer),
         )
 
     def check_model(self, model: str | None) -> None:
@@ -85,14 +98,21 @@ class ServerState:
             ) from None
 
 
-def create_app(cg_or_engine, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving a `codegemma.load()` result (or an Engine built with a tokenizer)."""
-    engine = cg_or_engine if isinstance(cg_or_engine, Engine) else cg_or_engine.engine
-    if engine.tokenizer is None:
-        raise ValueError("the server needs text: build the Engine with a tokenizer")
+def app_for_model(cg: CodeGemma, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving a `codegemma.load()` result; by default named after its directory."""
     if settings is None:
-        path = getattr(cg_or_engine, "path", None)
-        settings = ServerSettings(served_model_name=path.name if path else "codegemma")
+        settings = ServerSettings(served_model_name=cg.path.name if cg.path else "codegemma")
+    return create_app(cg.engine, settings)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine` (built with a tokenizer) with `settings` (default: the defaults)."""
+    if engine.tokenizer is None:
+        raise UsageError(
+            "the server needs text: the Engine has no tokenizer",
+            fix="build it with one: Engine(model, tokenizer, ...)",
+        )
+    settings = settings or ServerSettings()
     state = ServerState(engine, engine.tokenizer, settings)
 
     @asynccontextmanager
@@ -105,9 +125,12 @@ def create_app(cg_or_engine, settings: ServerSettings | None = None) -> FastAPI:
     app.state.server = state
     _add_exception_handlers(app)
     _add_routes(app, state)
+    # the last added runs first: metrics, then the API key, then the body checks
+    app.add_middleware(
+        BodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(BodyMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
 
@@ -187,14 +210,14 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        s = state.scheduler
-        ok = s.alive or s.in_flight == 0  # started lazily: not yet running is healthy
+        load = state.scheduler.load()
+        ok = state.scheduler.alive or load.in_flight == 0  # started lazily: not running is fine
         body = {
             "status": "ok" if ok else "error",
             "model": state.model_id,
-            "slots_idle": s.slots - s.active,
-            "slots_processing": s.active,
-            "queue_depth": s.queue_depth,
+            "slots_idle": load.slots - load.active,
+            "slots_processing": load.active,
+            "queue_depth": load.queue_depth,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -255,6 +278,16 @@ async def _disconnected(request: Request) -> None:
 
 
 # -- errors --------------------------------------------------------------------------------------
+REQUIRED = {  # the body fields each route cannot do without, for the 400 of an empty body
+    path: [name for name, f in model.model_fields.items() if f.is_required()]
+    for path, model in (
+        ("/v1/completions", protocol.CompletionRequest),
+        ("/v1/chat/completions", protocol.ChatCompletionRequest),
+        ("/infill", protocol.InfillRequest),
+    )
+}
+
+
 def _add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -267,13 +300,15 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if exc.body in (None, b""):  # FastAPI reads an empty body as a missing one
+            return JSONResponse(_empty_body(request.url.path), status_code=400)
         return JSONResponse(_validation_body(exc.errors()), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse it
+            return JSONResponse(_unparsable_body(exc.__cause__), status_code=400)
         detail = exc.detail if isinstance(exc.detail, str) else "request error"
-        if exc.status_code == 400:
-            detail = f"{detail}: the body must be UTF-8 JSON"
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(
@@ -281,6 +316,30 @@ def _add_exception_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,
         )
+
+
+def _empty_body(path: str) -> dict[str, Any]:
+    required = REQUIRED.get(path)
+    needs = f" (required: {', '.join(required)})" if required else ""
+    return error_body(
+        f"The request body is empty; send a JSON object{needs}.",
+        type="invalid_request_error",
+        param=required[0] if required else None,
+        code="missing_body",
+    )
+
+
+def _unparsable_body(cause: BaseException) -> dict[str, Any]:
+    if isinstance(cause, RecursionError):
+        message = (
+            "The request body is not valid JSON for this server: its arrays or objects are nested "
+            "too deeply to parse; flatten them."
+        )
+    elif isinstance(cause, UnicodeDecodeError):
+        message = "The request body is not valid UTF-8; JSON must be sent as UTF-8."
+    else:
+        message = f"The request body could not be parsed as JSON ({type(cause).__name__})."
+    return error_body(message, type="invalid_request_error", code="invalid_json")
 
 
 def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -292,18 +351,39 @@ def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
             type="invalid_request_error",
             code="invalid_json",
         )
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # union members show up in loc as type names ("str", "list[int]"); keep the field path
-    path = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float")]
+    path = _field_path(first)
     param = ".".join(path) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    field = _field_path(first, items=False)
+    tried = [e for e in errors if _field_path(e, items=False) == field]
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif first.get("type") == "missing":
         message = f"Missing required parameter: {param}"
+    elif len(tried) > 1 and field and field[-1] in SHAPES:  # the value matched no union member
+        message = f"Invalid value for '{param}': {SHAPES[field[-1]]}"
     elif param:
         message = f"Invalid value for '{param}': {message}"
     return error_body(message, type="invalid_request_error", param=param, code="invalid_value")
+
+
+def _field_path(error: dict[str, Any], *, items: bool = True) -> list[str]:
+    """The location of an error as field names (and list indices, with `items`). Union members
+    show up in pydantic's location as type names ("str", "list[int]", "function-after[...]"):
+    they are dropped, and so are indices that follow one (they index the member, not the body)."""
+    loc = tuple(error.get("loc", ()))
+    path: list[str] = []
+    in_member = False
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, str) and (any(c in part for c in "[]") or part in ("str", "int")):
+            in_member = True
+        elif isinstance(part, int):
+            if items and not in_member:
+                path.append(str(part))
+        else:
+            path.append(part)
+            in_member = False
+    return path
 
 
 # -- middleware ----------------------------------------------------------------------------------
@@ -350,12 +430,13 @@ class MetricsMiddleware:
 
 
 class BodyMiddleware:
-    """413 for bodies over `max_bytes` (announced by Content-Length or streamed); 400 for a JSON
-    body that is not UTF-8 (RFC 8259), which JSON parsers would report as a vaguer error.
-    A body without a JSON content type is read as JSON (see `_as_json`)."""
+    """Reads the body once, within `timeout_s` of the headers (else 408): 413 for bodies over
+    `max_bytes` (announced by Content-Length or streamed); 400 for a JSON body that is not UTF-8
+    (RFC 8259), which JSON parsers would report as a vaguer error. A body without a JSON content
+    type is read as JSON (see `_as_json`)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -364,18 +445,14 @@ class BodyMiddleware:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._too_large(send)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except TimeoutError:
+            return await _send_unread(send, 408, timeout_error("body"))
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_bytes:
+            return await self._too_large(send)
         scope = _as_json(scope, headers)
         if not _is_utf8(body) and b"json" in dict(scope["headers"])[b"content-type"]:
             message = "The request body is not valid UTF-8; JSON must be sent as UTF-8."
@@ -396,10 +473,28 @@ class BodyMiddleware:
 
         await self.app(scope, replay_receive, send)
 
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The body, or None if the client disconnected; stops one chunk past `max_bytes`."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes or not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _too_large(self, send: Send) -> None:
         message = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
         body = error_body(message, type="invalid_request_error", code="request_too_large")
-        await _send_json(send, 413, body)
+        await _send_unread(send, 413, body)
+
+
+async def _send_unread(send: Send, status: int, body: dict, headers: dict | None = None) -> None:
+    """An error answered before the request body was read in full: the connection is closed
+    after it, so the server neither waits for the rest nor reads it as the next request."""
+    await _send_json(send, status, body, {**(headers or {}), "Connection": "close"})
 
 
 LOOSE_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
@@ -424,7 +519,8 @@ def _is_utf8(data: bytes) -> bool:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but /health, compared in constant time."""
+    """`Authorization: Bearer <key>` on every route but /health, compared in constant time,
+    before anything else looks at the request (its body is never read without the key)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode("utf-8")
@@ -441,4 +537,11 @@ class ApiKeyMiddleware:
             type="invalid_request_error",
             code="invalid_api_key",
         )
+        if _has_body(scope):
+            return await _send_unread(send, 401, body, {"WWW-Authenticate": "Bearer"})
         await _send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"

@@ -3,58 +3,61 @@
     codegemma serve --model path/to/codegemma-2b --port 8000
     CODEGEMMA_API_KEY=secret codegemma serve --model ... --host 0.0.0.0
 
-Registered into the main CLI through `register(subparsers)`; clients: docs/serving.md.
+The flags for `ServerSettings` are generated from its fields (their defaults, help and checks live
+in settings.py); --model/--dtype/--device are every command's model options. The few flags that
+are not settings (where to listen, the engine's batch size) and the two settings whose command-line
+default differs from the library's (the model id is the directory's name, the key may come from
+$CODEGEMMA_API_KEY) are declared here. Registered into the main CLI through `register(subparsers)`;
+clients: docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
+from codegemma.options import add_dataclass_options, add_model_options, dataclass_values
 from codegemma.server.settings import API_KEY_ENV, ServerSettings
+
+DEFAULT_MAX_BATCH_SIZE = 8
+
+
+def _help(name: str) -> str:
+    """A settings field's help text, for the flags declared here."""
+    return next(f for f in dataclasses.fields(ServerSettings) if f.name == name).metadata["help"]
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="OpenAI- and llama.cpp-compatible completion server (docs/serving.md)"
     )
-    p.add_argument("--model", "-m", default=None, help="model directory or HF-cache id")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument(
-        "--api-key",
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"engine slots decoded together (default: {DEFAULT_MAX_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--served-model-name",
         default=None,
-        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set)",
+        help=_help("served_model_name") + " (default: the model directory's name)",
     )
-    p.add_argument("--served-model-name", default=None, help="model id (default: directory name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="engine slots decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before 503")
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens allowed")
-    p.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument(
-        "--fim-mode",
-        choices=["psm", "spm"],
-        default="psm",
-        help="FIM prompt layout; spm (suffix first) lets the prefix cache reuse nearly the whole "
-        "prompt from one keystroke to the next",
-    )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--api-key", default=None, help=_help("api_key"))
+    add_dataclass_options(p, ServerSettings)
+    p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
 
 def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSettings:
-    return ServerSettings(
-        served_model_name=args.served_model_name or default_name,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        max_queue=args.max_queue,
-        max_tokens=args.max_tokens,
-        max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes,
-        fim_mode=args.fim_mode,
-    )
+    """The settings the flags ask for; unset flags keep ServerSettings' defaults."""
+    values = dataclass_values(args, ServerSettings)  # also the two declared here, maybe None
+    values["served_model_name"] = args.served_model_name or default_name
+    values["api_key"] = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return ServerSettings(**values)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -62,14 +65,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import codegemma
     from codegemma.server.app import create_app
+    from codegemma.server.transport import uvicorn_config
 
-    if args.max_batch_size < 1:
-        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    settings = settings_from_args(args, "codegemma")  # checked before the (slow) model load
     cg = codegemma.load(
         args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size
     )
-    settings = settings_from_args(args, cg.path.name if cg.path else "codegemma")
-    app = create_app(cg, settings)
+    if args.served_model_name is None and cg.path is not None:
+        settings = dataclasses.replace(settings, served_model_name=cg.path.name)
+    app = create_app(cg.engine, settings)
     print(f"serving {settings.served_model_name} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run()
     return 0

@@ -8,6 +8,14 @@ record. No prometheus_client dependency: the format is a few lines of text.
     requests = registry.counter("codegemma_requests_total", "HTTP requests", ("endpoint", "status"))
     requests.inc(endpoint="/v1/completions", status="200")
     print(registry.render())
+
+The server's metrics come in two parts wired without a cycle: `SchedulerMetrics` is the sink the
+scheduler reports to (it knows nothing of the scheduler), and `ServerMetrics` adds the HTTP
+metrics and gauges that read the scheduler's `load()` snapshot when scraped:
+
+    events = SchedulerMetrics()
+    scheduler = Scheduler(engine, events=events)
+    metrics = ServerMetrics(events, load=scheduler.load)
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+
+from codegemma.engine import GenerationResult
+from codegemma.server.scheduler import Load
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -136,22 +147,23 @@ class Registry:
     def __init__(self) -> None:
         self._metrics: list[_Metric] = []
 
-    def _add(self, metric):
+    def add(self, metric):
+        """Register a metric made elsewhere (it is rendered with the others)."""
         if any(m.name == metric.name for m in self._metrics):
             raise ValueError(f"metric {metric.name} is registered twice")
         self._metrics.append(metric)
         return metric
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, help, labels))
+        return self.add(Counter(name, help, labels))
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> Gauge:
-        return self._add(Gauge(name, help, read))
+        return self.add(Gauge(name, help, read))
 
     def histogram(
         self, name: str, help: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()
     ) -> Histogram:
-        return self._add(Histogram(name, help, labels, buckets))
+        return self.add(Histogram(name, help, labels, buckets))
 
     def render(self) -> str:
         lines: list[str] = []
@@ -160,11 +172,68 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-class ServerMetrics:
-    """The server's metrics; gauges read the scheduler through `attach(scheduler)`."""
+class SchedulerMetrics:
+    """The scheduler's counters and histograms, written through its `SchedulerEvents` calls
+    (this class is that sink); it holds no reference to the scheduler."""
 
     def __init__(self) -> None:
+        self.ttft = Histogram(
+            "codegemma_time_to_first_token_seconds",
+            "time from admission to the first generated token",
+        )
+        self.prompt_tokens = Counter("codegemma_prompt_tokens_total", "prompt tokens admitted")
+        self.cached_prompt_tokens = Counter(
+            "codegemma_prompt_tokens_cached_total",
+            "prompt tokens whose keys and values came from the prefix cache, not a prefill",
+        )
+        self.generated_tokens = Counter(
+            "codegemma_generated_tokens_total", "tokens generated (stop tokens included)"
+        )
+        self.sequences = Counter(
+            "codegemma_sequences_total", "sequences finished, by finish reason", ("reason",)
+        )
+        self.steps = Counter("codegemma_engine_steps_total", "engine steps that ran a forward pass")
+        self.batch = Histogram(
+            "codegemma_step_batch_size",
+            "sequences advanced by one engine step (decode batching)",
+            buckets=BATCH_BUCKETS,
+        )
+
+    def all(self) -> list[_Metric]:
+        return [
+            self.ttft,
+            self.prompt_tokens,
+            self.cached_prompt_tokens,
+            self.generated_tokens,
+            self.sequences,
+            self.steps,
+            self.batch,
+        ]
+
+    # -- scheduler.SchedulerEvents -----------------------------------------------------------
+    def admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def stepped(self, tokens: int) -> None:
+        self.steps.inc()
+        self.batch.observe(tokens)
+        self.generated_tokens.inc(tokens)
+
+    def finished(self, result: GenerationResult) -> None:
+        self.sequences.inc(reason=result.finish_reason)
+        self.cached_prompt_tokens.inc(result.cached_tokens)
+
+
+class ServerMetrics:
+    """Everything /metrics shows: the HTTP metrics (kept here), the scheduler's metrics, and
+    gauges that read the scheduler's occupancy through `load` at scrape time."""
+
+    def __init__(self, scheduler: SchedulerMetrics, load: Callable[[], Load]) -> None:
         r = self.registry = Registry()
+        self.scheduler = scheduler
         self.requests = r.counter(
             "codegemma_requests_total",
             "HTTP requests by endpoint and status",
@@ -180,56 +249,31 @@ class ServerMetrics:
             "time from request to the end of the response (streams included)",
             ("endpoint",),
         )
-        self.ttft = r.histogram(
-            "codegemma_time_to_first_token_seconds",
-            "time from admission to the first generated token",
-        )
-        self.prompt_tokens = r.counter("codegemma_prompt_tokens_total", "prompt tokens admitted")
-        self.cached_prompt_tokens = r.counter(
-            "codegemma_prompt_tokens_cached_total",
-            "prompt tokens whose keys and values came from the prefix cache, not a prefill",
-        )
-        self.generated_tokens = r.counter(
-            "codegemma_generated_tokens_total", "tokens generated (stop tokens included)"
-        )
-        self.sequences = r.counter(
-            "codegemma_sequences_total", "sequences finished, by finish reason", ("reason",)
-        )
         self.rejected = r.counter(
             "codegemma_rejected_total", "requests refused with 503 because the queue was full"
         )
-        self.steps = r.counter(
-            "codegemma_engine_steps_total", "engine steps that ran a forward pass"
-        )
-        self.batch = r.histogram(
-            "codegemma_step_batch_size",
-            "sequences advanced by one engine step (decode batching)",
-            buckets=BATCH_BUCKETS,
-        )
+        for metric in scheduler.all():
+            r.add(metric)
+        self._add_gauges(load)
 
-    def attach(self, scheduler) -> None:
-        r = self.registry
-        r.gauge(
-            "codegemma_queue_depth",
-            "sequences admitted and waiting for a slot",
-            lambda: scheduler.queue_depth,
-        )
-        r.gauge(
-            "codegemma_active_sequences",
-            "sequences holding an engine slot",
-            lambda: scheduler.active,
-        )
-        r.gauge(
-            "codegemma_in_flight_sequences",
-            "sequences admitted and not yet finished",
-            lambda: scheduler.in_flight,
-        )
-        r.gauge("codegemma_slots", "engine slots (max batch size)", lambda: scheduler.slots)
-        r.gauge(
-            "codegemma_queue_capacity",
-            "sequences that may wait beyond the slots",
-            lambda: scheduler.max_queue,
-        )
+    def _add_gauges(self, load: Callable[[], Load]) -> None:
+        gauges = [
+            ("codegemma_queue_depth", "sequences admitted and waiting for a slot", "queue_depth"),
+            ("codegemma_active_sequences", "sequences holding an engine slot", "active"),
+            (
+                "codegemma_in_flight_sequences",
+                "sequences admitted and not yet finished",
+                "in_flight",
+            ),
+            ("codegemma_slots", "engine slots (max batch size)", "slots"),
+            (
+                "codegemma_queue_capacity",
+                "sequences that may wait beyond the slots",
+                "queue_capacity",
+            ),
+        ]
+        for name, help, field in gauges:
+            self.registry.gauge(name, help, lambda field=field: getattr(load(), field))
 
     def render(self) -> str:
         return self.registry.render()

@@ -134,9 +134,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-Prompt = (
-    Text | list[Text] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
-)
+Prompt = Text | list[Text] | list[int] | list[list[int]]
+TOKEN_IDS = "token ids are non-negative integers below the vocabulary size"
+# What a field of a union type may be, for the 400 of a value that matches none of its members.
+SHAPES = {
+    "prompt": "must be a text, a list of texts, a list of token ids (non-negative integers) or a "
+    "list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _check_prompt(prompt: Any) -> Any:
+    """A non-empty prompt whose token ids (if any) are non-negative; ids at or above the
+    vocabulary size are refused when planning, where the vocabulary is known."""
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt or any(p == [] for p in prompt):
+        raise ValueError("must be a non-empty text, list of texts or list of token ids")
+    id_lists = (
+        [prompt] if isinstance(prompt[0], int) else [p for p in prompt if isinstance(p, list)]
+    )
+    for ids in id_lists:
+        bad = next((i for i in ids if i < 0), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is invalid: {TOKEN_IDS}")
+    return prompt
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -169,10 +192,8 @@ class CompletionRequest(_OpenAIRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_empty(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and (not prompt or any(p == [] for p in prompt)):
-            raise ValueError("must be a non-empty text, list of texts or list of token ids")
-        return prompt
+    def _prompt_ids(cls, prompt: Any) -> Any:
+        return _check_prompt(prompt)
 
     @field_validator("stop")
     @classmethod

@@ -15,6 +15,10 @@ Admission is bounded: at most `slots + max_queue` sequences in flight, beyond th
 goes through the inbox too, so the engine is only ever touched by its own thread. If a step
 raises, every live sequence is failed (its handler answers 500) and cancelled, which frees its
 slot; the thread carries on serving.
+
+The scheduler knows nothing of metrics: it reports what happens to the `SchedulerEvents` sink it
+is given (the server's `prometheus.SchedulerMetrics`), and `load()` is a read-only snapshot of
+its occupancy for gauges and /health.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from codegemma.engine import Engine, Event, SamplingParams
+from codegemma.engine import Engine, Event, GenerationResult, SamplingParams
 
 log = logging.getLogger("codegemma.server")
 
@@ -38,6 +43,47 @@ class Overloaded(Exception):
 
 class GenerationFailed(Exception):
     """The engine failed while generating this request's sequences."""
+
+
+class SchedulerEvents(Protocol):
+    """What the scheduler reports, from its thread, as it works."""
+
+    def admitted(self, prompt_tokens: int) -> None:
+        """A sequence entered the engine with a prompt of this many tokens."""
+
+    def first_token(self, seconds: float) -> None:
+        """A submission got its first generated token this long after it was submitted."""
+
+    def stepped(self, tokens: int) -> None:
+        """An engine step generated this many tokens (one per sequence it advanced)."""
+
+    def finished(self, result: GenerationResult) -> None:
+        """A sequence finished (stopped, hit its length, was cancelled)."""
+
+
+class _NoEvents:
+    def admitted(self, prompt_tokens: int) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def stepped(self, tokens: int) -> None:
+        pass
+
+    def finished(self, result: GenerationResult) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Load:
+    """The scheduler's occupancy at one moment."""
+
+    slots: int  # engine slots (the max batch size)
+    queue_capacity: int  # sequences that may wait beyond the slots
+    active: int  # sequences holding a slot
+    in_flight: int  # sequences admitted and not yet finished
+    queue_depth: int  # sequences admitted and waiting for a slot
 
 
 @dataclass(frozen=True)
@@ -91,10 +137,13 @@ class Submission:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_queue: int = 64, metrics=None) -> None:
+    def __init__(
+        self, engine: Engine, *, max_queue: int = 64, events: SchedulerEvents | None = None
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self.engine, self.max_queue = engine, max_queue
+        self.events: SchedulerEvents = events if events is not None else _NoEvents()
         self._cond = threading.Condition()
         self._inbox: list[_Job] = []
         self._cancels: list[Hashable] = []
@@ -129,6 +178,16 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def load(self) -> Load:
+        in_flight, active = self._in_flight, self.engine.num_active
+        return Load(
+            slots=self.slots,
+            queue_capacity=self.max_queue,
+            active=active,
+            in_flight=in_flight,
+            queue_depth=max(0, in_flight - active),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,8 +261,7 @@ class Scheduler:
                 job.submission._deliver([GenerationFailed(str(exc))])
                 continue
             self._live[job.request_id] = job.submission
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(job.prompt))
+            self.events.admitted(len(job.prompt))
 
     def _route(self, events: list[Event]) -> None:
         by_submission: dict[int, tuple[Submission, list[Event]]] = {}
@@ -218,25 +276,19 @@ class Scheduler:
         for submission, items in by_submission.values():
             if submission.first_token_at is None and any(e.token_id is not None for e in items):
                 submission.first_token_at = time.perf_counter()
-                if self.metrics is not None:
-                    self.metrics.ttft.observe(submission.first_token_at - submission.submitted_at)
+                self.events.first_token(submission.first_token_at - submission.submitted_at)
             if not submission._deliver(items):
                 for request_id in submission.request_ids:
                     if request_id in self._live:
                         self.engine.cancel(request_id)
 
     def _record(self, events: list[Event]) -> None:
-        if self.metrics is None:
-            return
         tokens = sum(e.token_id is not None for e in events)
         if tokens:
-            self.metrics.steps.inc()
-            self.metrics.batch.observe(tokens)
-            self.metrics.generated_tokens.inc(tokens)
+            self.events.stepped(tokens)
         for e in events:
             if e.finished:
-                self.metrics.sequences.inc(reason=e.result.finish_reason)
-                self.metrics.cached_prompt_tokens.inc(e.result.cached_tokens)
+                self.events.finished(e.result)
 
     def _finish_ids(self, request_ids: list[Hashable]) -> None:
         for request_id in request_ids:

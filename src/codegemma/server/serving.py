@@ -4,8 +4,15 @@
 ids + SamplingParams + how to post-process) per sequence to generate. They raise `APIError` (400)
 naming the parameter at fault. FIM prompts and post-processing are completion.py's: requests with
 `suffix`, llama.cpp `/infill`, and `/v1/completions` prompts written in CodeGemma's textual FIM
-layout `<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>` (what Continue sends for a model whose name
-contains "codegemma") are all completed as FIM. Other prompts are plain continuations with BOS.
+layout (`prompts.parse_fim_text`: what Continue sends for a model whose name contains "codegemma")
+are all completed as FIM. Other prompts are plain continuations with BOS.
+
+Untrusted text is bounded before it is tokenized: no token covers more than
+`ServingContext.chars_per_token` characters (the tokenizer's longest piece), so at most
+`max_prompt_chars` characters of any text can reach a prompt. A longer plain prompt is refused
+after tokenizing only that many characters; a FIM request keeps only the end of its prefix, the
+start of its suffix and the last context files that could fit, which is what fitting it into the
+budget would keep anyway. No request costs more tokenizer time than the longest prompt that fits.
 
 `run_plan` drives a submission's events through a per-choice text tracker and yields `Update`s
 (text to send, finish reason). For FIM the tracker releases only whole lines of the
@@ -16,6 +23,7 @@ of the block, a line repeating the suffix): no tokens are generated that would b
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,15 +43,35 @@ MIN_FIM_BUDGET = 8  # a FIM prompt needs its sentinels and a few tokens of conte
 
 @dataclass(frozen=True, kw_only=True)
 class ServingContext:
+    """What planning needs to know: the tokenizer, the model's limits, the server's settings."""
+
     tokenizer: TextCodec
     max_seq_len: int
     vocab_size: int
     settings: ServerSettings
+    capacity: int  # sequences the scheduler can ever hold at once (slots + queue)
+    chars_per_token: int  # the most characters one token covers (see `longest_piece`)
 
     @property
     def max_prompt_tokens(self) -> int:
         limit = self.settings.max_prompt_tokens or self.max_seq_len - 1
         return min(limit, self.max_seq_len - 1)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than any text of `max_prompt_tokens` tokens can have."""
+        return self.chars_for(self.max_prompt_tokens)
+
+    def chars_for(self, tokens: int) -> int:
+        """A text longer than this has more than `tokens` tokens."""
+        return (tokens + 1) * self.chars_per_token
+
+
+def longest_piece(tokenizer: TextCodec) -> int:
+    """The most characters one token of `tokenizer` decodes to: a bound on the characters it covers
+    in encoded text, as long as the tokenizer's normalizer does not shrink text (Gemma's only turns
+    spaces into its space marker)."""
+    return max(1, max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +114,14 @@ def _check_choices(ctx: ServingContext, count: int) -> None:
             param="n",
             code="invalid_value",
         )
+    if count > ctx.capacity:  # would be refused with 503 however long the client waited
+        raise APIError(
+            400,
+            f"the request asks for {count} sequences (n x prompts) but this server holds at most "
+            f"{ctx.capacity} at once (its slots plus its queue); lower n",
+            param="n",
+            code="invalid_value",
+        )
 
 
 def _check_length(ctx: ServingContext, prompt_tokens: int, max_tokens: int, param: str) -> None:
@@ -101,6 +137,40 @@ def _check_length(ctx: ServingContext, prompt_tokens: int, max_tokens: int, para
         )
 
 
+def _refuse_if_too_long(ctx: ServingContext, text: str, param: str) -> None:
+    """400 for a text that cannot fit in a prompt, having tokenized at most `max_prompt_chars` of
+    it. (Should a tokenizer that shrinks text find that many characters to fit, the caller goes
+    on to tokenize the whole text, as it would have anyway.)"""
+    cap = ctx.max_prompt_chars
+    if len(text) <= cap:
+        return
+    head = len(ctx.tokenizer.encode(text[:cap]))
+    if head > ctx.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx.max_seq_len} tokens (prompts at most "
+            f"{ctx.max_prompt_tokens}); the prompt has {len(text)} characters and its first {cap} "
+            f"alone are {head} tokens. Shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _within_reach(request: FimRequest, chars: int) -> FimRequest:
+    """`request` without the text that cannot reach a FIM prompt of at most `chars` characters'
+    worth of tokens: the prefix before its last `chars` characters, the suffix after its first
+    `chars`, and the leading context files that would be dropped (build_prompt drops files from
+    the front until the prompt fits, and files of more characters than `chars` never fit)."""
+    files = list(request.files)
+    size = sum(len(f.path) + len(f.text) for f in files)
+    while files and size > chars:
+        size -= len(files[0].path) + len(files[0].text)
+        files.pop(0)
+    return dataclasses.replace(
+        request, prefix=request.prefix[-chars:], suffix=request.suffix[:chars], files=tuple(files)
+    )
+
+
 def _fim_ids(ctx: ServingContext, request: FimRequest, max_tokens: int, param: str) -> list[int]:
     budget = min(ctx.max_seq_len - max_tokens, ctx.max_prompt_tokens)
     if budget < MIN_FIM_BUDGET:
@@ -112,7 +182,9 @@ def _fim_ids(ctx: ServingContext, request: FimRequest, max_tokens: int, param: s
             code="context_length_exceeded",
         )
     try:
-        return completion.build_prompt(ctx.tokenizer, request, budget)
+        return completion.build_prompt(
+            ctx.tokenizer, _within_reach(request, ctx.chars_for(budget)), budget
+        )
     except (ValueError, PromptError) as e:
         raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
 
@@ -148,39 +220,59 @@ def _completion_choice(
     ctx: ServingContext, req: protocol.CompletionRequest, prompt: str | list[int], max_tokens: int
 ) -> Choice:
     """The prompt ids, stops and post-processing of one prompt (sampling is set by the caller)."""
-    tok, stops = ctx.tokenizer, req.stop_strings()
     layout = (
         prompts.parse_fim_text(prompt) if isinstance(prompt, str) and req.suffix is None else None
     )
     if req.suffix is not None or layout is not None:
-        if req.echo:
-            raise APIError(
-                400,
-                "echo cannot be combined with suffix (FIM): the prompt is not "
-                "the text before the completion",
-                param="echo",
-            )
-        if not isinstance(prompt, str):
-            raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
-        prefix, suffix = layout or (prompt, req.suffix or "")
-        fim = FimRequest(
-            prefix=prefix, suffix=suffix, mode=req.completion_mode, fim_mode=ctx.settings.fim_mode
-        )
-        ids = _fim_ids(ctx, fim, max_tokens, "max_tokens")
-        stops = stops + (["\n"] if fim.single_line else [])
-        params = SamplingParams(stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(stops))
-        return Choice(prompt_ids=ids, params=params, fim=fim)
+        return _fim_choice(ctx, req, prompt, layout, max_tokens)
+    tok = ctx.tokenizer
     if isinstance(prompt, str):
-        ids, echo = tok.encode(prompt, bos=True), prompt
+        _refuse_if_too_long(ctx, prompt, "prompt")
+        ids = tok.encode(prompt, bos=True)
     else:
         if max(prompt) >= ctx.vocab_size:
             raise APIError(
-                400, f"token ids must be below the vocabulary size {ctx.vocab_size}", param="prompt"
+                400,
+                f"token id {max(prompt)} is invalid: {protocol.TOKEN_IDS} {ctx.vocab_size}",
+                param="prompt",
+                code="invalid_value",
             )
-        ids, echo = list(prompt), tok.decode(prompt)
+        ids = list(prompt)
     _check_length(ctx, len(ids), max_tokens, "prompt")
-    params = SamplingParams(stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(stops))
-    return Choice(prompt_ids=ids, params=params, echo=echo if req.echo else "")
+    echo = (prompt if isinstance(prompt, str) else tok.decode(prompt)) if req.echo else ""
+    params = SamplingParams(
+        stop_token_ids=prompts.fim_stop_ids(tok), stop_strings=tuple(req.stop_strings())
+    )
+    return Choice(prompt_ids=ids, params=params, echo=echo)
+
+
+def _fim_choice(
+    ctx: ServingContext,
+    req: protocol.CompletionRequest,
+    prompt: str | list[int],
+    layout: tuple[str, str] | None,
+    max_tokens: int,
+) -> Choice:
+    """A completion request with `suffix`, or a prompt in the textual FIM layout."""
+    if req.echo:
+        raise APIError(
+            400,
+            "echo cannot be combined with suffix (FIM): the prompt is not "
+            "the text before the completion",
+            param="echo",
+        )
+    if not isinstance(prompt, str):
+        raise APIError(400, "suffix needs a text prompt, not token ids", param="suffix")
+    prefix, suffix = layout or (prompt, req.suffix or "")
+    fim = FimRequest(
+        prefix=prefix, suffix=suffix, mode=req.completion_mode, fim_mode=ctx.settings.fim_mode
+    )
+    ids = _fim_ids(ctx, fim, max_tokens, "max_tokens")
+    stops = req.stop_strings() + (["\n"] if fim.single_line else [])
+    params = SamplingParams(
+        stop_token_ids=prompts.fim_stop_ids(ctx.tokenizer), stop_strings=tuple(stops)
+    )
+    return Choice(prompt_ids=ids, params=params, fim=fim)
 
 
 def plan_chat(ctx: ServingContext, req: protocol.ChatCompletionRequest) -> Plan:
@@ -189,6 +281,7 @@ def plan_chat(ctx: ServingContext, req: protocol.ChatCompletionRequest) -> Plan:
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in req.messages
     ]
+    _refuse_if_too_long(ctx, "".join(m["content"] for m in messages), "messages")
     try:
         ids = prompts.chat_prompt(ctx.tokenizer, prompts.fold_system(messages))
     except PromptError as e:
