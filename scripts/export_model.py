@@ -1,9 +1,10 @@
-"""Copy a training run's newest complete checkpoint into a model directory (the bundled model).
+"""Copy a training run's newest sound checkpoint into a model directory (the bundled model).
 
-The checkpoint's `model/` folder already is a Hugging Face model directory with its tokenizer;
-it is copied to a temp dir beside the target and swapped in by renames, so the target is at every
-moment either the old model or the new one. The card and plot are written afterwards
-(`make model-card`).
+The checkpoint is checked whole first, as a resume checks it (sizes, checksums, trainer state,
+weights, tokenizer); broken newer ones are named in a warning and left in place. Its `model/`
+folder already is a Hugging Face model directory with its tokenizer; it is copied to a temp dir
+beside the target and swapped in by renames, so the target is at every moment either the old
+model or the new one. The card and plot are written afterwards (`make model-card`).
 
     python scripts/export_model.py build/model/run src/codegemma/assets/codegemma-tiny
 """
@@ -15,13 +16,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from codegemma.train.run_checkpoint import latest_checkpoint
+from codegemma.errors import CodegemmaError
+from codegemma.train.run_checkpoint import resume_checkpoint
 
 
 def export(run_dir: Path, out: Path) -> Path:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise SystemExit(f"{run_dir} has no complete checkpoint; train first (codegemma train)")
+    found = resume_checkpoint(run_dir, set_aside=False)
+    if found is None:
+        raise SystemExit(f"{run_dir} has no checkpoint; train first (codegemma train)")
+    ckpt = found.path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
@@ -39,7 +42,11 @@ def main() -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
     args = p.parse_args()
-    print(f"exported {export(args.run_dir, args.out)} -> {args.out}")
+    try:
+        print(f"exported {export(args.run_dir, args.out)} -> {args.out}")
+    except CodegemmaError as e:
+        fix = f"\n  fix: {e.fix}" if e.fix else ""
+        raise SystemExit(f"export_model: error: {e}{fix}") from e
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,57 @@ def test_fsdp2_from_scratch_with_activation_checkpointing(
     torchrun(cfg, "--parallel", "fsdp", "--activation-checkpointing")
     assert_curves_close(curve(run), curve(ref_run))
     assert_weights_close(run, ref_run, 6)
+
+
+def launch_ranks(cfg_path: Path, world_size: int = 2, timeout: float = 120) -> list[tuple]:
+    """(exit code, stderr) of each rank of `python -m codegemma.train`, started as torchrun would
+    start them but with no agent that stops the others when one exits: a rank left waiting in a
+    collective shows as a timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for rank in range(world_size):
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO / "src"),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            cmd = [sys.executable, "-m", "codegemma.train", "--config", str(cfg_path)]
+            procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_no_loadable_checkpoint_stops_every_rank_with_the_same_message(
+    reference, tmp_path, shard_dir, tiny_tokenizer_dir
+):
+    """Rank 0 checks the checkpoints and sends its error to the other ranks: every rank exits
+    with the clean message and code 2, none waits for rank 0 in a collective."""
+    ref_run, _ = reference
+    run = tmp_path / "broken"
+    shutil.copytree(ref_run, run)
+    for _, d in ckpt.step_dirs(run):
+        (d / ckpt.COMPLETE).unlink()
+    cfg = write_config(tmp_path / "broken.toml", run, shard_dir, tiny_tokenizer_dir)
+    message = f"codegemma train: error: no checkpoint in {run / ckpt.CHECKPOINTS} can be resumed"
+    for code, err in launch_ranks(cfg):
+        assert code == 2 and err.startswith(message), err[-3000:]
+        assert "Traceback" not in err and "step-000002: no COMPLETE marker" in err
+        assert "fix: move the broken checkpoints" in err
+    assert [p.name for p in sorted((run / ckpt.CHECKPOINTS).iterdir())] == [
+        "step-000002",
+        "step-000004",
+        "step-000006",
+    ]

@@ -10,6 +10,7 @@ import torch
 from train_helpers import curve, reference_config, tiny_config, train_records
 
 import codegemma
+from codegemma.errors import TrainCheckpointError
 from codegemma.train import run_checkpoint as ckpt
 from codegemma.train.metrics import METRICS, plot_run, read_metrics
 from codegemma.train.trainer import build_optimizer, loss_sum, train
@@ -109,7 +110,7 @@ def test_resume_refuses_other_data(reference, tmp_path, shard_dir, tiny_tokenize
     import shutil
 
     shutil.copytree(run, copy)
-    with pytest.raises(ValueError, match="use a new run_dir"):
+    with pytest.raises(TrainCheckpointError, match="use a new run_dir"):
         train(tiny_config(copy, shard_dir, tiny_tokenizer_dir, eval_holdout=8, seed=1, max_steps=8))
 
 
@@ -213,6 +214,18 @@ def test_plot_writes_a_png(reference, tmp_path):
 
     assert main(["train", "plot", str(run)]) == 0 and (run / "loss.png").is_file()
     assert main(["train", "plot", str(tmp_path)]) == 2  # no metrics: a clear error, exit 2
+
+
+def test_plot_without_matplotlib_is_a_clear_error(reference, monkeypatch, capsys):
+    import sys
+
+    from codegemma.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails
+    assert main(["train", "plot", str(reference[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("codegemma train: error: plotting a run needs matplotlib")
+    assert "fix: pip install matplotlib" in err
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(

@@ -9,6 +9,10 @@ Key choice: `train` is one command whose default action is to train; `plot` is a
 sub-action (an argparse sub-parser that is not required). So `codegemma train --config x.toml`
 trains and `codegemma train plot RUN_DIR` plots, and nothing else is a positional argument:
 every setting is a `--flag` generated from TrainConfig (see train/config.py).
+
+Errors are not handled here: `codegemma.cli.main` (which `python -m codegemma.train` runs too, also
+under torchrun) prints every CodegemmaError or OSError as `codegemma train: error: ...` and exits
+with code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from codegemma.errors import CodegemmaError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,17 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     if args.train_action == "plot":
-        from codegemma.train.metrics import plot_run
-
-        try:
-            print(plot_run(args.run_dir, args.out))
-        except ImportError as e:
-            print(
-                f"codegemma train plot needs matplotlib ({e}): pip install matplotlib",
-                file=sys.stderr,
-            )
-            return 2
-        return 0
+        return _plot(args)
     from codegemma.train.config import load_train_config, overrides_from_args
 
     cfg = load_train_config(args.config, overrides_from_args(args))
@@ -71,6 +67,19 @@ def handle(args: argparse.Namespace) -> int:
             "resumed_from": result.resumed_from,
         }
         print(json.dumps(summary))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """Errors (no metrics, no matplotlib) go up to `codegemma.cli.main`, which prints them."""
+    from codegemma.train.metrics import plot_run
+
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except ImportError as e:
+        raise CodegemmaError(
+            f"plotting a run needs matplotlib ({e})", fix="pip install matplotlib"
+        ) from e
     return 0
 
 

@@ -160,7 +160,11 @@ class Loader:
         rank: int = 0,
     ) -> None:
         if len(source) == 0:
-            raise TrainDataError("the training data has no sequences")
+            raise TrainDataError(
+                "the training data has no sequences",
+                fix="check the data path, or prepare data with at least one row "
+                "(codegemma data prepare)",
+            )
         self.source, self.seed, self.batch = source, seed, micro_batch_size
         self.world_size, self.rank = world_size, rank
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)

@@ -17,11 +17,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from codegemma.errors import TrainConfigError
 from codegemma.model import GemmaForCausalLM
 
 
@@ -47,7 +49,10 @@ def init_world(device: str = "auto") -> World:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError('device = "cuda" but no GPU is visible; use device = "cpu"')
+        raise TrainConfigError(
+            'device = "cuda" but no GPU is visible to this process',
+            fix='use device = "cpu" (or "auto"), or check CUDA_VISIBLE_DEVICES and the driver',
+        )
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -71,6 +76,15 @@ def close_world(world: World) -> None:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's `obj` on every rank (a picklable value; what the other ranks pass is ignored)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_sum(t: Tensor, world: World) -> Tensor:
@@ -102,7 +116,7 @@ def parallelize(
         ids = [world.device.index] if world.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if mode != "fsdp":
-        raise ValueError(f"parallel must be ddp or fsdp, got {mode!r}")
+        raise TrainConfigError(f'parallel must be "ddp" or "fsdp", got {mode!r}')
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -1,12 +1,12 @@
 """The training loop: pretraining on token shards or SFT on chat data, single process or torchrun.
 
-`train(cfg)` builds everything from a TrainConfig, resumes from the newest complete checkpoint in
-`cfg.run_dir` if there is one, and runs `max_steps` optimizer steps. One step: the step's
-micro-batches (this rank's slice of the global batch), forward under autocast (bf16 on GPU, fp32
-on CPU; FSDP2 casts through its own policy), next-token cross entropy summed over the target
-tokens and divided by the number of target tokens in the whole global batch (all ranks, all
-micro-steps), so a token weighs the same however the batch is split; then gradient clipping and
-AdamW with the lr of `schedule.lr_at(step)`.
+`train(cfg)` builds everything from a TrainConfig, resumes from the newest checkpoint in
+`cfg.run_dir` that passes its checks (run_checkpoint.py) if there is one, and runs `max_steps`
+optimizer steps. One step: the step's micro-batches (this rank's slice of the global batch),
+forward under autocast (bf16 on GPU, fp32 on CPU; FSDP2 casts through its own policy),
+next-token cross entropy summed over the target tokens and divided by the number of target
+tokens in the whole global batch (all ranks, all micro-steps), so a token weighs the same however
+the batch is split; then gradient clipping and AdamW with the lr of `schedule.lr_at(step)`.
 
 Key choice: everything a resumed run needs is in the checkpoint (weights, optimizer state, step,
 samples consumed); the schedule and the data order are pure functions of those, so on CPU in fp32
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from codegemma.checkpoint import load_model, resolve_model
 from codegemma.config import ModelConfig
+from codegemma.errors import ConfigError, TrainCheckpointError, TrainConfigError, TrainDataError
 from codegemma.model import GemmaForCausalLM
 from codegemma.tokenizer import Tokenizer
 from codegemma.train import run_checkpoint as ckpt
@@ -43,7 +44,6 @@ from codegemma.train.data import (
     Loader,
     MicroBatch,
     RowSource,
-    TrainDataError,
     eval_batches,
     open_source,
     split_holdout,
@@ -53,6 +53,7 @@ from codegemma.train.parallelize import (
     World,
     all_sum,
     barrier,
+    broadcast_object,
     close_world,
     grad_norm_value,
     grad_sync,
@@ -61,7 +62,7 @@ from codegemma.train.parallelize import (
 )
 from codegemma.train.schedule import lr_at
 
-STATE_VERSION = 1
+STATE_VERSION = ckpt.STATE_VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,9 +130,11 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
         recorded = load_manifest(Path(cfg.data))["tokenizer"].get("path")
         if recorded and Path(recorded).exists():
             return Path(recorded)
-    raise TrainDataError(
-        'no tokenizer found: set tokenizer = "path/to/tokenizer_dir" (the one the data was '
-        "prepared with); checkpoints carry it so that they load as models"
+    raise TrainConfigError(
+        "no tokenizer found: none is set, init_from has no tokenizer files and the data's "
+        "manifest names none that exists",
+        fix='set tokenizer = "path/to/tokenizer_dir" (the one the data was prepared with); '
+        "checkpoints carry it so that they load as models",
     )
 
 
@@ -148,9 +151,10 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> GemmaForCausalLM:
         model.init_weights(std=cfg.init_std, seed=cfg.seed)
         model.reset_buffers("cpu")
     if tok.vocab_size > config.vocab_size:
-        raise TrainDataError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size} "
-            f"embeddings; use a tokenizer of at most that size or a larger model"
+        raise TrainConfigError(
+            f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model only "
+            f"{config.vocab_size} embeddings",
+            fix="use a tokenizer of at most that size, or a model whose vocab_size covers it",
         )
     return model.train()
 
@@ -162,15 +166,24 @@ def _fresh_config(cfg: TrainConfig) -> ModelConfig:
     if path.is_dir():
         return ModelConfig.load(path)
     try:
-        return ModelConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainDataError(f"model_config {path} is not a readable config.json: {e}") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainConfigError(
+            f"model_config {path} is not a readable config.json ({e})",
+            fix="point model_config at a Hugging Face config.json (or its directory), or set "
+            "preset",
+        ) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"model_config {path} is not a JSON object of Gemma config fields")
+    return ModelConfig.from_hf_dict(data)
 
 
 def load_sources(cfg: TrainConfig, tok: Tokenizer) -> tuple[RowSource, RowSource | None]:
     train_src = open_source(cfg.task, cfg.data, tok, cfg.seq_len)
     if cfg.eval_data and cfg.eval_holdout:
-        raise TrainDataError("set eval_data or eval_holdout, not both")
+        raise TrainConfigError(
+            "eval_data and eval_holdout are both set", fix="set one of them, not both"
+        )
     if cfg.eval_holdout:
         return split_holdout(train_src, cfg.eval_holdout)
     if cfg.eval_data:
@@ -301,10 +314,17 @@ def restore(run: Run, trainer_state: dict[str, Any], where: Path) -> None:
     """Optimizer state, position and RNG from a checkpoint (the weights are already loaded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if trainer_state["version"] != STATE_VERSION:
+        raise TrainCheckpointError(
+            f"{where} holds trainer state version {trainer_state['version']}; this codegemma "
+            f"resumes version {STATE_VERSION} only",
+            fix=f"resume with the codegemma release that wrote it, or use a new run_dir with "
+            f"init_from={where / ckpt.MODEL} to start a new run from its weights",
+        )
     want = data_signature(run.cfg, run.loader.source)
-    if trainer_state.get("version") != STATE_VERSION or trainer_state.get("data") != want:
-        raise ckpt.TrainCheckpointError(
-            f"{where} was written for data {trainer_state.get('data')} but this run has {want}; "
+    if trainer_state["data"] != want:
+        raise TrainCheckpointError(
+            f"{where} was written for data {trainer_state['data']} but this run has {want}; "
             f"resuming would not continue the same sample order: use a new run_dir (or "
             f"init_from={where / ckpt.MODEL} to start a new run from its weights)"
         )
@@ -331,16 +351,14 @@ def _setup(cfg: TrainConfig, world: World) -> Run:
     if train_source.seq_len - 1 > model.config.max_position_embeddings:
         raise TrainDataError(
             f"rows of {train_source.seq_len} tokens exceed the model's "
-            f"max_position_embeddings ({model.config.max_position_embeddings})"
+            f"max_position_embeddings ({model.config.max_position_embeddings})",
+            fix="prepare the data (or set seq_len) with rows of at most "
+            f"{model.config.max_position_embeddings + 1} tokens, or use a model with more "
+            "positions",
         )
-    if world.is_main:
-        ckpt.clean_incomplete(cfg.run_dir)
-    barrier(world)
-    resume = ckpt.latest_checkpoint(cfg.run_dir)
-    trainer_state = None
+    resume = find_resume(cfg, world)
     if resume is not None:
-        weights, trainer_state = ckpt.load_checkpoint(resume)
-        model.load_state_dict(weights)
+        model.load_state_dict(resume.weights)
     model = model.to(world.device)
     dtype = compute_dtype(cfg, world)
     fsdp = world.distributed and cfg.parallel == "fsdp"
@@ -370,9 +388,34 @@ def _setup(cfg: TrainConfig, world: World) -> Run:
         dtype=dtype,
         autocast=_autocast(world, dtype, enabled=dtype != torch.float32 and not fsdp),
     )
-    if trainer_state is not None:
-        restore(run, trainer_state, resume)
+    if resume is not None:
+        restore(run, resume.state, resume.path)
     return run
+
+
+def find_resume(cfg: TrainConfig, world: World) -> ckpt.Resumable | None:
+    """The newest checkpoint of the run that loads whole, or None to start at step 0.
+
+    Rank 0 sweeps temp dirs, checks the checkpoints (setting broken ones aside, with a warning)
+    and tells the other ranks its choice, or its error, so every rank resumes from the same one
+    or stops with the same message."""
+    found, error = None, None
+    if world.is_main:
+        ckpt.clean_incomplete(cfg.run_dir)
+        try:
+            found = ckpt.resume_checkpoint(cfg.run_dir)
+        except TrainCheckpointError as e:
+            error = e
+    told = (str(found.path) if found else None, (str(error), error.fix) if error else None)
+    path, failure = broadcast_object(told, world)
+    if error is not None:
+        raise error
+    if failure is not None:  # rank 0's error, on the other ranks
+        raise TrainCheckpointError(failure[0], fix=failure[1])
+    if found is not None or path is None:
+        return found
+    weights, state = ckpt.load_checkpoint(path, checksums=False)  # rank 0 hashed the files
+    return ckpt.Resumable(path=Path(path), weights=weights, state=state)
 
 
 def _autocast(
