@@ -76,3 +76,20 @@ def test_hf_dict_is_json():
     assert json.loads(json.dumps(ModelConfig.preset("2b").to_hf_dict()))["architectures"] == [
         "GemmaForCausalLM"
     ]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model_type": "gemma"},
+        {"model_type": "gemma", "hidden_size": "2048", "num_attention_heads": 8},
+        {"model_type": "gemma", "hidden_size": 64, "num_attention_heads": 0},
+    ],
+    ids=["only model_type", "string hidden_size", "zero heads"],
+)
+def test_incomplete_or_mistyped_config_is_a_config_error(fields):
+    base = ModelConfig.preset("tiny").to_hf_dict()
+    data = {k: v for k, v in base.items() if k not in ("head_dim",)}
+    data = fields if len(fields) == 1 else {**data, **fields}
+    with pytest.raises(ConfigError):
+        ModelConfig.from_hf_dict(data)

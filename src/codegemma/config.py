@@ -151,14 +151,21 @@ class ModelConfig:
                 kw[name] = kw[name][0]
             if kw.get(name) is None:
                 kw.pop(name, None)
-        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in kw and f.default is dataclasses.MISSING
+            if f.name not in kw and f.default is dataclasses.MISSING and f.name != "head_dim"
         ]
         if missing:
             raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
+        if "head_dim" not in kw:  # older configs leave it implied
+            hidden, heads = kw["hidden_size"], kw["num_attention_heads"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, heads)):
+                raise ConfigError(
+                    f"hidden_size and num_attention_heads must be integers, got {hidden!r} and "
+                    f"{heads!r}"
+                )
+            kw["head_dim"] = hidden // heads if heads > 0 else 0  # 0: refused by __post_init__
         return cls(**kw)
 
     @classmethod
