@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from codegemma import completion, prompts
-from codegemma.checkpoint import check_tokenizer_fits, load_model, parse_dtype, resolve_model
+from codegemma.checkpoint import load_checkpoint, parse_dtype, resolve_model
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine, GenerationResult, SamplingParams
 from codegemma.errors import CheckpointError
 from codegemma.middle import FimRequest
 from codegemma.model import GemmaForCausalLM
 from codegemma.prompts import ContextFile
+from codegemma.quant import quantize_model
 from codegemma.tokenizer import Tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "codegemma-tiny"
@@ -124,9 +125,14 @@ def load(
     device: str | torch.device | None = None,
     *,
     max_batch_size: int = 8,
+    quantize: str | None = None,
 ) -> CodeGemma:
-    """Load a Hugging Face Gemma checkpoint directory, a model id from the local HF cache, or
-    (no argument) the bundled model. Never touches the network."""
+    """Load a Hugging Face Gemma checkpoint directory, a model id from the local HF cache, a GGUF
+    file, an Ollama model (`ollama:codegemma:2b`), or (no argument) the bundled model. Never
+    touches the network.
+
+    quantize="q8_0" or "q4_0" quantizes every float matrix at load (ggml's block formats,
+    quant.py; computing in `dtype`); a GGUF's quantized tensors stay as they are."""
     if path_or_id is None:
         if not (BUNDLED_MODEL / "config.json").is_file():
             raise CheckpointError(
@@ -135,9 +141,13 @@ def load(
             )
         path_or_id = BUNDLED_MODEL
     path = resolve_model(path_or_id)
-    tokenizer = Tokenizer.load(path)
-    model, config = load_model(path, dtype=parse_dtype(dtype), device=device or default_device())
-    check_tokenizer_fits(tokenizer, config, path)
+    device = device or default_device()
+    # quantizing reads the float weights on the CPU (where they are memory-mapped) first
+    model, config, tokenizer = load_checkpoint(
+        path, dtype=parse_dtype(dtype), device="cpu" if quantize else device
+    )
+    if quantize:
+        model = quantize_model(model, quantize).to(device)
     return CodeGemma(
         config=config,
         model=model.eval(),

@@ -15,7 +15,8 @@ existing one is updated file by file with the old commit point (index or model.s
 removed first and the new one written last, so a crash never leaves a directory that loads wrong.
 
 `resolve_model` finds a model id such as `google/codegemma-2b` in the local Hugging Face cache,
-offline.
+offline; it also takes a GGUF file (`m.gguf`) or an Ollama model (`ollama:codegemma:2b`, resolved
+through Ollama's local manifests to its GGUF blob), which gguf.py loads (`load_checkpoint`).
 
     model, config = load_model(resolve_model("google/codegemma-2b"), dtype="float32")
     save_model(model, config, "out/model", max_shard_bytes=2 * 2**30)
@@ -44,6 +45,7 @@ from codegemma.config import DTYPES as MODEL_DTYPES
 from codegemma.config import ConfigError, ModelConfig
 from codegemma.errors import CheckpointError
 from codegemma.fileio import file_mode, write_text_atomic
+from codegemma.gguf import is_gguf, load_gguf
 from codegemma.model import GemmaForCausalLM
 from codegemma.tokenizer import Tokenizer
 
@@ -215,6 +217,8 @@ def _model_dir(model_dir: str | os.PathLike) -> Path:
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"
+        if is_gguf(path):
+            what = "is a GGUF file, not a Hugging Face directory (codegemma.load reads it)"
         raise CheckpointError(
             f"model directory {path} {what}: pass a directory with config.json and "
             f"model.safetensors (or resolve a model id with resolve_model)"
@@ -636,11 +640,17 @@ def hf_cache_dir() -> Path:
 
 
 def resolve_model(path_or_id: str | os.PathLike) -> Path:
-    """An existing directory as is; else a model id from the local Hugging Face cache. Offline."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
+    """An existing directory or GGUF file as is; `ollama:NAME[:TAG]` as the GGUF blob of that
+    Ollama model; else a model id from the local Hugging Face cache. Offline."""
     text = str(path_or_id)
+    if text.startswith(OLLAMA_PREFIX):
+        return resolve_ollama(text.removeprefix(OLLAMA_PREFIX))
+    path = Path(path_or_id).expanduser()
+    if path.is_dir() or is_gguf(path):
+        return path
+    if path.suffix == ".gguf":
+        what = "lacks the GGUF magic" if path.exists() else "does not exist"
+        raise CheckpointError(f"GGUF file {path.absolute()} {what}")
     if path.exists() or not _REPO_ID.fullmatch(text) or ".." in text:
         return _model_dir(path)  # raises the missing-directory error
     repo = hf_cache_dir() / ("models--" + text.replace("/", "--"))
@@ -669,3 +679,73 @@ def _pick_snapshot(repo: Path) -> Path | None:
             return named
     candidates = [p for p in snapshots.iterdir() if p.is_dir()]
     return max(candidates, key=lambda p: (p.stat().st_mtime, p.name)) if candidates else None
+
+
+# -- GGUF files and Ollama's model store -----------------------------------------------------------
+OLLAMA_PREFIX = "ollama:"
+OLLAMA_REGISTRY = "registry.ollama.ai"
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+def ollama_models_dir() -> Path:
+    """$OLLAMA_MODELS, else ~/.ollama/models (Ollama's own order)."""
+    if os.environ.get("OLLAMA_MODELS"):
+        return Path(os.environ["OLLAMA_MODELS"]).expanduser()
+    return Path.home() / ".ollama" / "models"
+
+
+def resolve_ollama(spec: str) -> Path:
+    """The GGUF blob of Ollama model NAME[:TAG] (tag default "latest"; NAME may be NS/NAME, default
+    namespace "library"): manifests/registry.ollama.ai/NS/NAME/TAG is JSON whose layer of media
+    type application/vnd.ollama.image.model names the digest sha256:HEX, stored at
+    blobs/sha256-HEX. Offline; errors name what is missing and where it looked."""
+    name, _, tag = spec.partition(":")
+    if not name or "/" in tag or ".." in name.split("/"):
+        raise CheckpointError(f"ollama model {spec!r} is not NAME[:TAG], e.g. ollama:codegemma:2b")
+    tag = tag or "latest"
+    root = ollama_models_dir()
+    namespace = name if "/" in name else f"library/{name}"
+    manifest = root / "manifests" / OLLAMA_REGISTRY / namespace / tag
+    where = "(models directory from $OLLAMA_MODELS, else ~/.ollama/models)"
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"ollama model {name}:{tag} is not in the local Ollama store: looked for the "
+            f"manifest {manifest} {where}",
+            fix=f"run `ollama pull {name}:{tag}` with the same models directory, or pass the "
+            "GGUF file itself",
+        )
+    try:
+        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers") or []
+        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, StopIteration) as e:
+        raise CheckpointError(
+            f"ollama manifest {manifest} names no model layer (a layer of mediaType "
+            f"{OLLAMA_MODEL_LAYER} with a digest): {e!r}"
+        ) from e
+    algo, _, hexdigest = str(digest).partition(":")
+    blob = root / "blobs" / f"{algo}-{hexdigest}"
+    if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
+        raise CheckpointError(f"ollama manifest {manifest} has a malformed digest {digest!r}")
+    if not blob.is_file():
+        raise CheckpointError(
+            f"ollama model {name}:{tag}: its manifest {manifest} names blob {digest}, which is "
+            f"missing: looked for {blob}",
+            fix=f"run `ollama pull {name}:{tag}` again to fetch the weights",
+        )
+    return blob
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[GemmaForCausalLM, ModelConfig, Tokenizer]:
+    """(model, config, tokenizer) of a resolved path: a GGUF file (gguf.py) or a Hugging Face
+    directory (load_model + Tokenizer.load, checked to fit each other)."""
+    if is_gguf(path):
+        return load_gguf(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.load(path)
+    model, config = load_model(path, dtype=dtype, device=device)
+    check_tokenizer_fits(tokenizer, config, path)
+    return model, config, tokenizer

@@ -23,7 +23,12 @@ from typing import NoReturn
 from codegemma.engine.sampling import SamplingParams
 from codegemma.errors import CodegemmaError, UsageError
 from codegemma.middle import MODES
-from codegemma.options import add_dataclass_options, add_model_options, dataclass_values
+from codegemma.options import (
+    add_dataclass_options,
+    add_model_options,
+    dataclass_values,
+    load_options,
+)
 from codegemma.prompts import FimMode
 
 SUBSYSTEMS = (
@@ -32,6 +37,7 @@ SUBSYSTEMS = (
     "codegemma.eval.cli",
     "codegemma.train.cli",
     "codegemma.server.cli",
+    "codegemma.export",
 )
 
 
@@ -51,7 +57,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     import codegemma
 
-    return codegemma.load(args.model, dtype=args.dtype, device=args.device)
+    return codegemma.load(args.model, **load_options(args))
 
 
 def split_at_cursor(text: str, line: int, column: int) -> tuple[str, str]:
@@ -131,27 +137,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """What `complete` would load, checked the same way (config against the weights' headers, the
-    tokenizer and its FIM tokens, tokenizer against the embedding), without reading a weight."""
+    """What `complete` would load, checked the same way (config against the weights, the
+    tokenizer and its FIM tokens, tokenizer against the embedding); a Hugging Face directory
+    without reading a weight."""
     from codegemma.checkpoint import (
         check_tokenizer_fits,
         describe,
+        load_checkpoint,
         resolve_model,
         validate_model_dir,
     )
+    from codegemma.gguf import describe_gguf, is_gguf
     from codegemma.tokenizer import Tokenizer
 
     path = resolve_model(args.model) if args.model else _bundled_path()
-    config = validate_model_dir(path)
-    tokenizer = Tokenizer.load(path)
-    check_tokenizer_fits(tokenizer, config, path)
+    if is_gguf(path):  # tensors are views of the mapped file: building the model reads little
+        _, config, tokenizer = load_checkpoint(path, device="cpu")
+        checkpoint = describe_gguf(path)
+    else:
+        config = validate_model_dir(path)
+        tokenizer = Tokenizer.load(path)
+        check_tokenizer_fits(tokenizer, config, path)
+        checkpoint = describe(path)
     info = {
         "path": str(path),
         "attention": config.attention_kind,
         "parameters": config.num_parameters,
         "non_embedding_parameters": config.num_non_embedding_parameters,
         "config": config.to_hf_dict(),
-        "checkpoint": describe(path),
+        "checkpoint": checkpoint,
         "tokenizer": {
             "file": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,

@@ -21,6 +21,12 @@ that streams the weights at memory speed; everything else is F.linear. A one-tok
 with a KV cache on CPU (fp32/bf16, up to kernels.max_rows sequences) skips the modules altogether:
 `kernels.DecodeStep` runs the whole step, the same math, in one call (forward hooks on submodules
 do not fire there). The modules below stay the definition, and the path for everything else.
+
+Quantized weights (quant.py: ggml's Q8_0, Q4_0, Q4_K, Q6_K blocks, e.g. from a GGUF file) replace
+the Linear layers and the embedding by `QuantizedLinear` / `QuantizedEmbedding`: the lookup
+dequantizes only the rows it reads, the tied output head multiplies by the quantized table, and
+the norms stay float in the compute dtype (`compute_dtype`). Such a model always runs the modules
+(plain torch); `kernels.DecodeStep` takes fp32/bf16 matrices only.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 from codegemma import kernels
 from codegemma.config import ModelConfig
 from codegemma.kernels import Linear, linear
+from codegemma.quant import QuantizedEmbedding, QuantizedMatrix, is_quantized
 
 
 class RMSNorm(nn.Module):
@@ -298,6 +305,18 @@ class GemmaForCausalLM(nn.Module):
     def output_embedding(self) -> Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and the KV cache have: the embedding's, or with a quantized
+        embedding (uint8 blocks) that of the final norm, which is never quantized."""
+        w = self.model.embed_tokens.weight
+        return w.dtype if w.is_floating_point() else self.model.norm.weight.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any weight is held in a quantized block format (quant.py)."""
+        return is_quantized(self)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -328,7 +347,15 @@ class GemmaForCausalLM(nn.Module):
                 h = layer(h, *args)
         if logits_index is not None:
             h = h[torch.arange(B, device=h.device), logits_index][:, None]  # [B, 1, D]
-        return linear(self.model.norm(h), self.output_embedding)
+        return self.output_head(self.model.norm(h))
+
+    def output_head(self, h: Tensor) -> Tensor:
+        """Logits [..., vocab] of final hidden states h [..., hidden]: the tied embedding table
+        (or lm_head), quantized or not."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantizedMatrix):
+            return head.project(h)
+        return linear(h, self.output_embedding)
 
     def _decode_step(self, cache: KVCache, batch: int) -> kernels.DecodeStep | None:
         """The whole one-token step in one kernel call (kernels.DecodeStep), made once per cache,
@@ -347,6 +374,8 @@ class GemmaForCausalLM(nn.Module):
         return step
 
     def _make_decode_step(self, cache: KVCache) -> kernels.DecodeStep | None:
+        if self.quantized:  # the kernel reads fp32/bf16 matrices; quantized ones run the modules
+            return None
         layers = []
         for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
             params = dict(layer.named_parameters())
@@ -394,8 +423,12 @@ class GemmaForCausalLM(nn.Module):
         return logits[:, None]
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        w = self.model.embed_tokens.weight
-        return F.embedding(input_ids, w) * embedding_scale(self.config.hidden_size, w.dtype)
+        table = self.model.embed_tokens
+        if isinstance(table, QuantizedEmbedding):  # dequantizes the looked-up rows only
+            h = table(input_ids, self.compute_dtype)
+        else:
+            h = F.embedding(input_ids, table.weight)
+        return h * embedding_scale(self.config.hidden_size, h.dtype)
 
     # -- construction helpers (used by checkpoint.py and train/) ---------------------------
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
@@ -419,5 +452,5 @@ class GemmaForCausalLM(nn.Module):
         return self
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_seq_len, w.dtype, w.device)
+        device = self.model.embed_tokens.weight.device
+        return KVCache(self.config, batch_size, max_seq_len, self.compute_dtype, device)

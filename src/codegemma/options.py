@@ -22,23 +22,39 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from codegemma.config import DTYPES
+from codegemma.quant import QUANTIZERS
+
+QUANTIZE = tuple(q.lower() for q in QUANTIZERS)  # what `--quantize` offers
 
 
 def add_model_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
-    """--model/-m, --dtype and --device, as every command that loads a model takes them."""
+    """--model/-m, --dtype, --quantize and --device, as every command that loads a model takes
+    them; `load_options(args)` turns them into `codegemma.load` keywords."""
     p.add_argument(
         "--model",
         "-m",
         default=None,
-        help="model directory or HF-cache id (default: the bundled model)",
+        help="model directory, HF-cache id, GGUF file or ollama:NAME[:TAG] (default: the "
+        "bundled model)",
     )
     p.add_argument(
         "--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=None,
+        help="quantize the weights at load, in ggml's block format (a GGUF's stay as stored)",
     )
     if device:
         p.add_argument(
             "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
         )
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`codegemma.load` keywords from the flags of `add_model_options`."""
+    return dict(dtype=args.dtype, device=getattr(args, "device", None), quantize=args.quantize)
 
 
 def option(

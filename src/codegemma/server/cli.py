@@ -17,7 +17,12 @@ import argparse
 import dataclasses
 import os
 
-from codegemma.options import add_dataclass_options, add_model_options, dataclass_values
+from codegemma.options import (
+    add_dataclass_options,
+    add_model_options,
+    dataclass_values,
+    load_options,
+)
 from codegemma.server.settings import API_KEY_ENV, ServerSettings
 
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -68,9 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from codegemma.server.transport import uvicorn_config
 
     settings = settings_from_args(args, "codegemma")  # checked before the (slow) model load
-    cg = codegemma.load(
-        args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size
-    )
+    cg = codegemma.load(args.model, **load_options(args), max_batch_size=args.max_batch_size)
     if args.served_model_name is None and cg.path is not None:
         settings = dataclasses.replace(settings, served_model_name=cg.path.name)
     app = create_app(cg.engine, settings)
