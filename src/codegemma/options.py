@@ -27,7 +27,9 @@ from codegemma.quant import QUANTIZERS
 QUANTIZE = tuple(q.lower() for q in QUANTIZERS)  # what `--quantize` offers
 
 
-def add_model_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+def add_model_options(
+    p: argparse.ArgumentParser, *, device: bool = True, dtype: str | None = None
+) -> None:
     """--model/-m, --dtype, --quantize and --device, as every command that loads a model takes
     them; `load_options(args)` turns them into `codegemma.load` keywords."""
     p.add_argument(
@@ -38,7 +40,10 @@ def add_model_options(p: argparse.ArgumentParser, *, device: bool = True) -> Non
         "bundled model)",
     )
     p.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)"
+        "--dtype",
+        choices=DTYPES,
+        default=dtype,
+        help=f"compute dtype (default: {dtype or 'the checkpoint'})",
     )
     p.add_argument(
         "--quantize",
