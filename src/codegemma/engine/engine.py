@@ -13,6 +13,21 @@ An editor sends one completion request per keystroke, each repeating the files a
 the cursor: in SPM order (suffix first) the next request differs only in its last few tokens. The
 infilling benchmarks share each problem's prompt across its tasks the same way.
 
+Speculative decoding (speculative.py): a decode step may first draft up to `max_draft_tokens`
+tokens per sequence by prompt lookup (`speculative=True`: at every step; "auto", the default:
+while verify steps deliver more tokens per second than one-token steps, as timed here; False:
+never; `SamplingParams.speculative=False` turns it off for one request). When any row has a
+draft, the step feeds every row its last token plus its draft (right-padded, each row at its own
+positions) in one forward pass and keeps, per row, the longest draft prefix the target model
+agrees with plus the model's next token. Keys and values written for rejected draft tokens and
+padding lie beyond the row's accepted length: a query at position p attends to positions 0..p of
+its row only (model.cache_mask), and the next step writes its tokens from the accepted length on
+before attending, so they are overwritten before anything reads them. A step where no row has a
+draft is the plain one-token step (kernels.DecodeStep on CPU). Each token is chosen as plain
+decoding chooses it and goes through the same stopping rules one by one, so results and streamed
+events are plain decoding's, greedy or seeded, as far as the logits of the two forward shapes
+agree. `decode_stats` counts decode steps, drafted and accepted tokens.
+
     engine = Engine(model, tokenizer, max_batch_size=8)
     results = engine.generate([ids_a, ids_b], SamplingParams(max_new_tokens=64))
 """
@@ -20,6 +35,7 @@ infilling benchmarks share each problem's prompt across its tasks the same way.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +50,9 @@ from codegemma.engine.sampling import (
     make_generator,
     sample_row,
 )
+from codegemma.engine.speculative import DecodeStats, DraftLength, PromptLookup, StepRates
 from codegemma.engine.stops import StopText
+from codegemma.errors import UsageError
 from codegemma.model import GemmaForCausalLM, KVCache
 from codegemma.tokenizer import TextCodec
 
@@ -50,6 +68,9 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
     stop: str | int | None = None  # the stop string or token id that ended it
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    decode_steps: int = 0  # decode forward passes this request took part in (prefill not counted)
+    draft_tokens: int = 0  # draft tokens fed for verification (speculative decoding)
+    accepted_draft_tokens: int = 0  # of those, the ones the model kept
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,11 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
     counts: torch.Tensor | None = None  # [V] float, generated tokens, for presence/frequency
+    lookup: PromptLookup | None = None  # n-gram index of its tokens, built at its first draft
+    draft_length: DraftLength | None = None
+    decode_steps: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def position(self) -> int:  # where the next fed token goes in the cache
@@ -95,9 +121,15 @@ class Engine:
         prefill_tokens: int = 8192,
         prefix_cache: bool = True,
         min_cached_prefix: int = 32,
+        speculative: bool | str = "auto",
+        max_draft_tokens: int = 8,
     ) -> None:
         if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+            raise UsageError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if speculative not in (True, False, "auto"):
+            raise UsageError(f"speculative must be True, False or 'auto', got {speculative!r}")
+        if max_draft_tokens < 1:
+            raise UsageError(f"max_draft_tokens must be >= 1, got {max_draft_tokens}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
         self.max_seq_len = min(max_seq_len or 10**9, model.config.max_position_embeddings)
@@ -110,6 +142,9 @@ class Engine:
         self.prefix_cache, self.min_cached_prefix = prefix_cache, min_cached_prefix
         self._held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens in each row
         self.prompt_tokens_computed = self.prompt_tokens_cached = 0
+        self.speculative, self.max_draft_tokens = speculative, max_draft_tokens
+        self.decode_stats = DecodeStats()
+        self._rates = StepRates()  # speculative="auto": whether verify steps are faster here
         self._cancel_requests: deque[Hashable] = deque()  # appended from any thread
         self._ids = itertools.count()
 
@@ -119,19 +154,19 @@ class Engine:
     ) -> Hashable:
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("the prompt is empty: it needs at least one token (BOS)")
+            raise UsageError("the prompt is empty: it needs at least one token (BOS)")
         if len(prompt) >= self.max_seq_len:
-            raise ValueError(
+            raise UsageError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.max_seq_len}; "
                 "shorten it (completion.py trims the prefix from the left)"
             )
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(
+            raise UsageError(
                 f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}"
             )
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need text: build the Engine with a tokenizer")
+            raise UsageError("stop strings need text: build the Engine with a tokenizer")
         request_id = next(self._ids) if request_id is None else request_id
         self._waiting.append(
             _Sequence(
@@ -244,16 +279,101 @@ class Engine:
         return (best, shared) if shared >= self.min_cached_prefix else (free[0], 0)
 
     def _decode(self) -> list[Event]:
+        start = time.perf_counter()
         active = [s for s in self._slots if s is not None]
+        auto = self.speculative == "auto"
+        speculate = self.speculative is True or auto and self._rates.speculate()
+        drafts = [self._draft(s) if speculate else [] for s in active]
+        self._count_step(active, drafts)
+        if any(drafts):
+            events = self._verify(active, drafts)
+        else:
+            ids = torch.tensor([[s.generated[-1]] for s in active])
+            pos = torch.tensor([[s.position] for s in active])
+            events = self._advance_all(active, self._forward(active, ids, pos)[:, 0])
+        tokens = sum(e.token_id is not None for e in events)
+        self.decode_stats.decode_tokens += tokens
+        if auto:
+            self._rates.record(any(drafts), tokens, time.perf_counter() - start)
+        return events
+
+    def _forward(self, active: list[_Sequence], ids: torch.Tensor, pos: torch.Tensor):
+        """Logits [B, T, V] of a decode step. Only active rows are computed and written: a free
+        row keeps what it holds for the prefix cache. Slots 0..n-1 read the cache as a view;
+        scattered ones gather their rows."""
         slots = [s.slot for s in active]
-        ids = torch.tensor([[s.generated[-1]] for s in active])
-        pos = torch.tensor([[s.position] for s in active])
-        # Only active rows are computed and written: a free row keeps what it holds for the
-        # prefix cache. Slots 0..n-1 read the cache as a view; scattered ones gather their rows.
         contiguous = slots[-1] == len(slots) - 1
         rows = slice(0, len(slots)) if contiguous else torch.tensor(slots, device=self.device)
-        logits = self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=rows)
-        return self._advance_all(active, logits[:, 0])
+        return self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=rows)
+
+    def _count_step(self, active: list[_Sequence], drafts: list[list[int]]) -> None:
+        stats = self.decode_stats
+        stats.decode_steps += 1
+        stats.verify_steps += any(drafts)
+        stats.sequence_steps += len(active)
+        for seq, draft in zip(active, drafts, strict=True):
+            seq.decode_steps += 1
+            seq.draft_tokens += len(draft)
+            stats.draft_tokens += len(draft)
+
+    def _draft(self, seq: _Sequence) -> list[int]:
+        """Up to the sequence's draft length of prompt-lookup tokens, never more than its
+        remaining budget can take (a verify step emits up to len(draft) + 1 tokens)."""
+        if not seq.params.speculative:
+            return []
+        room = seq.max_new_tokens - len(seq.generated) - 1
+        if room < 1:
+            return []
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(seq.prompt)
+            seq.draft_length = DraftLength(self.max_draft_tokens)
+        seq.lookup.extend(seq.generated[len(seq.lookup) - len(seq.prompt) :])
+        return seq.lookup.draft(min(room, seq.draft_length.current))
+
+    def _verify(self, active: list[_Sequence], drafts: list[list[int]]) -> list[Event]:
+        """One forward pass over each row's last token and its draft; the tokens each row keeps
+        go through `_advance` one by one, as plain decoding would emit them."""
+        T = 1 + max(len(d) for d in drafts)
+        ids = torch.full((len(active), T), self.model.config.pad_token_id, dtype=torch.long)
+        pos = torch.arange(T).repeat(len(active), 1)
+        for row, (seq, draft) in enumerate(zip(active, drafts, strict=True)):
+            ids[row, : 1 + len(draft)] = torch.tensor([seq.generated[-1], *draft])
+            pos[row] += seq.position
+        # padding lies past every row's real tokens (overwritten before it is read); clamped,
+        # so a row near the end of the cache stays inside it (real positions never reach there)
+        pos.clamp_(max=self.cache.max_seq_len - 1)
+        logits = self._forward(active, ids, pos)
+        plain = [s.params.plain for s in active]
+        greedy = logits.argmax(-1).tolist() if any(plain) else []
+        events = []
+        for row, (seq, draft) in enumerate(zip(active, drafts, strict=True)):
+            events += self._accept(seq, draft, logits[row], greedy[row] if plain[row] else None)
+        return events
+
+    def _accept(
+        self, seq: _Sequence, draft: list[int], logits: torch.Tensor, argmax: list[int] | None
+    ) -> list[Event]:
+        """Emit seq's tokens from a verify step, one `_advance` each: logits [T, V] follow each
+        fed token (the last one, then the draft's); argmax, their argmaxes for a plain greedy
+        row. Every token is chosen as plain decoding chooses it (penalties see every token
+        emitted before it; a sampled row draws it as sampling.draw does, which makes keeping a
+        matching draft token speculative rejection sampling, see speculative.py). Stops after the
+        first token that is not the draft's or when a stopping rule ends the sequence."""
+        events: list[Event] = []
+        kept = 0
+        for i in range(len(draft) + 1):
+            proposal = draft[i] if i < len(draft) else None
+            token = argmax[i] if argmax is not None else self._sample(seq, logits[i])
+            if token == proposal:  # counted first: the sequence's result may be made next
+                kept += 1
+                seq.accepted_draft_tokens += 1
+                self.decode_stats.accepted_draft_tokens += 1
+            events.append(self._advance(seq, token))
+            if token != proposal or events[-1].finished:
+                break
+        if draft:
+            seq.draft_length.update(len(draft), kept)
+        return events
 
     def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
         """Next token for each of seqs from logits [len(seqs), V]; plain greedy rows are chosen
@@ -264,6 +384,10 @@ class Engine:
         return [self._advance(s, t) for s, t in zip(seqs, tokens, strict=True)]
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        return sample_row(self._penalized(seq, logits), seq.params, seq.generator)
+
+    def _penalized(self, seq: _Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] as float, with seq's penalties for what it has seen and generated so far."""
         logits = logits.float()
         if seq.params.repetition_penalty != 1.0:
             if seq.seen is None:
@@ -278,7 +402,7 @@ class Engine:
             logits = apply_presence_frequency(
                 logits, seq.counts, seq.params.presence_penalty, seq.params.frequency_penalty
             )
-        return sample_row(logits, seq.params, seq.generator)
+        return logits
 
     def _advance(self, seq: _Sequence, token: int) -> Event:
         """Append seq's next token and apply every stopping rule."""
@@ -312,7 +436,16 @@ class Engine:
             valid = seq.prompt + seq.generated[:-1] if seq.cache_valid else []
             self._held[seq.slot] = valid
         result = GenerationResult(
-            seq.request_id, len(seq.prompt), seq.generated, seq.text.text, reason, stop, seq.cached
+            seq.request_id,
+            len(seq.prompt),
+            seq.generated,
+            seq.text.text,
+            reason,
+            stop,
+            seq.cached,
+            decode_steps=seq.decode_steps,
+            draft_tokens=seq.draft_tokens,
+            accepted_draft_tokens=seq.accepted_draft_tokens,
         )
         return Event(seq.request_id, delta, token, result)
 
@@ -337,7 +470,7 @@ class Engine:
         """Generate for every prompt; results in prompt order."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+            raise UsageError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
         # similar lengths enter together: less padding in each prefill
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         ids = {self.submit(prompts[i], per_prompt[i], request_id=("generate", i)): i for i in order}

@@ -6,7 +6,9 @@ its batch. Repetition penalty is CTRL's (as in transformers): seen tokens' posit
 divided by the penalty, negative ones multiplied; it counts the prompt too. Presence and frequency
 penalties are OpenAI's: a token's logit drops by presence_penalty once it has been generated, and
 by frequency_penalty for each time it has been generated (the generated tokens only, as OpenAI and
-vLLM count them); negative values encourage repeats.
+vLLM count them); negative values encourage repeats. `speculative` lets the engine draft and
+verify several tokens per step for the request (speculative.py); it never changes greedy output,
+nor the distribution of sampled output.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class SamplingParams:
     seed: int | None = option(None, "seed of the sampler (none: unseeded)")
     stop_token_ids: frozenset[int] = field(default_factory=frozenset, metadata={"cli": False})
     stop_strings: tuple[str, ...] = option((), cli=False)
+    speculative: bool = option(
+        True,
+        "draft tokens by prompt lookup and verify them in one step where the engine speculates "
+        "(the output is the same; off: one token per step)",
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -108,15 +115,40 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One next token from logits [V]. Valid but extreme parameters must not break it: the math is
-    done in float64 (a temperature of 1e-300 is 0 in float32, and x / 0 is NaN), NaN logits count
-    as impossible, +inf ones as certain, and the best logit is moved to 0 before scaling, so it
-    stays finite and keeps the probability mass."""
+    """One next token from logits [V] (penalties already applied): the argmax when greedy, else
+    a draw from `target_probs`."""
+    if params.greedy:
+        return int(_clean(logits).argmax())
+    return draw(target_probs(logits, params), generator)
+
+
+def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a sampled row draws from, float64 [V]: temperature, then top-k and top-p.
+    Valid but extreme parameters must not break it: the math is done in float64 (a temperature
+    of 1e-300 is 0 in float32, and x / 0 is NaN), NaN logits count as impossible, +inf ones as
+    certain, and the best logit is moved to 0 before scaling, so it stays finite and keeps the
+    probability mass."""
+    logits = _clean(logits)
+    logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
+    return logits.softmax(-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> int:
+    """One token from probs [V] by inverse transform sampling: a single uniform u, then the first
+    token whose cumulative probability exceeds u. Exactly one draw per token, so the n-th token
+    of a seeded request always uses the n-th uniform of its generator, however many tokens each
+    step produced (speculative.py relies on this)."""
+    u = torch.rand((), generator=generator, device=probs.device, dtype=probs.dtype)
+    cdf = probs.cumsum(-1)
+    index = torch.searchsorted(cdf, u * cdf[-1], right=True)
+    last = torch.searchsorted(
+        cdf, cdf[-1]
+    )  # the last token with probability (u * total rounded up)
+    return int(torch.minimum(index, last))
+
+
+def _clean(logits: Tensor) -> Tensor:
     logits = torch.nan_to_num(logits.double(), nan=float("-inf"), neginf=float("-inf"))
     if not torch.isfinite(logits).any():
         raise UsageError("the model produced no finite logit (all NaN or -inf): check the weights")
-    if params.greedy:
-        return int(logits.argmax())
-    logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return logits
