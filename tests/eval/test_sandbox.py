@@ -1,9 +1,14 @@
 """The hostile battery: every program is contained, scored failed with a reason, host unaffected."""
 
+import contextlib
+import ctypes
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -11,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from codegemma.eval.execution import execute
-from codegemma.eval.sandbox import MARKER_VAR, Limits, Sandbox, host_tag, host_uids, remove_tree
+from codegemma.eval.sandbox import (
+    MARKER_VAR,
+    Limits,
+    Sandbox,
+    host_tag,
+    host_uids,
+    namespaces_available,
+    remove_tree,
+)
 from codegemma.eval.tasks import Task
 
 HERE = Path(__file__).parent
@@ -317,3 +330,495 @@ def test_limits_are_validated():
         Limits(timeout_s=0)
     with pytest.raises(ValueError, match="max_open_files"):
         Limits(max_open_files=3)
+
+
+# -- escapes found by the independent probe: each reproduced as the probe ran it ---------------
+def needs_full_isolation(sandbox) -> None:
+    if not sandbox.use_namespaces:
+        pytest.skip("needs root and namespaces (the probe ran `isolation: full`)")
+
+
+class UnixListeners:
+    """Listening path sockets (mode 0777) and a FIFO (0666) in host places; counts what reaches them."""
+
+    def __init__(self):
+        tag = secrets.token_hex(4)
+        self.tmpdir = tempfile.mkdtemp(prefix="cg-probe-", dir="/var/tmp")
+        os.chmod(self.tmpdir, 0o755)
+        self.writable = HERE / f".cg-probe-{tag}"  # a world-writable host directory in the repo
+        self.writable.mkdir()
+        self.writable.chmod(0o777)
+        paths = [
+            f"/run/cg-probe-{tag}.sock",
+            f"/tmp/cg-probe-{tag}.sock",
+            os.path.join(self.tmpdir, "s.sock"),
+            str(HERE / f".cg-probe-{tag}.sock"),
+            str(self.writable / "s.sock"),
+        ]
+        site = sysconfig.get_paths()["purelib"]  # a directory the sandbox shows read-only
+        if os.access(site, os.W_OK):
+            paths.append(os.path.join(site, f"cg-probe-{tag}.sock"))
+        self.sockets, self.servers = paths, []
+        for p in paths:
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(p)
+            os.chmod(p, 0o777)
+            s.listen()
+            s.settimeout(0.05)
+            self.servers.append(s)
+        self.dgram = f"/run/cg-probe-{tag}.dgram"
+        d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        d.bind(self.dgram)
+        os.chmod(self.dgram, 0o777)
+        d.settimeout(0.05)
+        self.servers.append(d)
+        self.fifo = f"/run/cg-probe-{tag}.fifo"
+        os.mkfifo(self.fifo)
+        os.chmod(self.fifo, 0o666)
+        self.fifo_fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self.reached: list[str] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.done.is_set():
+            for s in self.servers:
+                try:
+                    if s.type == socket.SOCK_DGRAM:
+                        self.reached.append(f"{s.getsockname()}: {s.recv(100)!r}")
+                    else:
+                        conn, _ = s.accept()
+                        self.reached.append(str(s.getsockname()))
+                        conn.close()
+                except OSError:
+                    pass
+            try:
+                data = os.read(self.fifo_fd, 100)
+                if data:
+                    self.reached.append(f"fifo: {data!r}")
+            except BlockingIOError:
+                pass
+
+    def close(self):
+        time.sleep(0.2)
+        self.done.set()
+        self.thread.join()
+        for s in self.servers:
+            s.close()
+        os.close(self.fifo_fd)
+        for p in [*self.sockets, self.dgram, self.fifo]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        remove_tree(self.tmpdir)
+        remove_tree(str(self.writable))
+
+
+def test_unix_sockets_fifos_and_host_directories_are_out_of_reach(sandbox, host):
+    needs_full_isolation(sandbox)
+    assert score(sandbox, "    return 1\n").passed  # the zygote exists before the listeners do
+    probe = UnixListeners()
+    tag = secrets.token_hex(4)
+    dirs = [
+        "/",
+        "/run",
+        "/run/lock",
+        "/tmp",
+        "/var/tmp",
+        "/dev/shm",
+        "/var",
+        "/var/lib",
+        "/etc",
+        "/usr",
+        "/usr/local",
+        "/root",
+        os.path.expanduser("~"),
+        str(HERE),
+        str(HERE.parents[1]),
+        str(probe.writable),
+        probe.tmpdir,
+        sys.prefix,
+        sysconfig.get_paths()["purelib"],
+        "/dev",
+    ]
+    created = [os.path.join(d, f"cg-probe-{tag}") for d in dirs]
+    try:
+        body = (
+            "    import os, socket\n"
+            f"    for p in {probe.sockets + [probe.dgram, probe.fifo]!r}:\n"
+            "        print('visible' if os.path.lexists(p) else 'absent', p)\n"
+            f"    for p in {probe.sockets!r}:\n"
+            "        try:\n"
+            "            s = socket.socket(socket.AF_UNIX)\n            s.settimeout(1)\n"
+            "            s.connect(p)\n            s.sendall(b'escaped')\n            print('connected', p)\n"
+            "        except OSError as e:\n            print('refused', p, e)\n"
+            "    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):\n"
+            "        try:\n"
+            "            a, b = socket.socketpair(socket.AF_UNIX, kind)\n"
+            f"            a.sendto(b'escaped', {probe.dgram!r})\n            print('sent', kind)\n"
+            "        except OSError as e:\n            print('refused socketpair', kind, e)\n"
+            "    try:\n"
+            f"        fd = os.open({probe.fifo!r}, os.O_WRONLY | os.O_NONBLOCK)\n"
+            "        os.write(fd, b'escaped')\n        print('wrote fifo')\n"
+            "    except OSError as e:\n        print('refused fifo', e)\n"
+            f"    for p in {created!r}:\n"
+            "        try:\n"
+            "            with open(p, 'w') as f:\n                f.write('escaped')\n"
+            "            print('created', p)\n"
+            "        except OSError as e:\n            print('refused', p, e)\n"
+            "    return 1\n"
+        )
+        r = sandbox.run("def f():\n" + body, check=CHECK, call=("check", "f"))  # all of stdout
+    finally:
+        probe.close()
+    assert probe.reached == [], (probe.reached, r.stdout)
+    # Two layers: outside the bound system and interpreter trees nothing of the host exists for
+    # the run, and no AF_UNIX socket can be made to connect anywhere (socketpairs excepted).
+    site = sysconfig.get_paths()["purelib"]
+    for p in [*probe.sockets, probe.dgram, probe.fifo]:
+        if not p.startswith(site):
+            assert f"absent {p}" in r.stdout, r.stdout
+    reached = [x for x in r.stdout.splitlines() if x.startswith(("connected ", "sent ", "wrote "))]
+    assert reached == [], r.stdout
+    leaked = [p for p in created if os.path.exists(p)]
+    for p in leaked:
+        os.unlink(p)
+    assert leaked == [], r.stdout
+    # its private directories work: the program could write to them, and they are gone
+    for d in ("/tmp", "/var/tmp", "/dev/shm", "/run"):
+        assert f"created {d}/cg-probe-{tag}" in r.stdout, r.stdout
+    assert r.completed, r  # a correct program still passes
+
+
+READ_ONLY_PROBE = """
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = sys.argv[1]
+assert libc.unshare(0x20000) == 0  # CLONE_NEWNS
+assert libc.mount(b"none", b"/", None, 16384 | (1 << 18), None) == 0  # MS_REC | MS_PRIVATE
+assert libc.mount(d.encode(), d.encode(), None, 4096, None) == 0  # MS_BIND
+assert libc.mount(None, d.encode(), None, 32 | 4096 | 1, None) == 0  # remount, bind, rdonly
+os.setgid(65534)
+os.setuid(65534)
+try:
+    open(os.path.join(d, "new"), "w")
+except OSError as e:
+    print("create", e.errno)
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.path.join(d, "s.sock"))
+print("connected")
+os.open(os.path.join(d, "f.fifo"), os.O_WRONLY | os.O_NONBLOCK)
+print("fifo opened")
+"""
+
+
+def test_a_read_only_mount_does_not_stop_connect_or_fifo_writes(tmp_path):
+    """The premise of covering sockets and FIFOs in the read-only trees, checked on this kernel:
+    a read-only bind refuses new files (EROFS), but a socket on it can still be connected and a
+    FIFO on it opened for writing by anyone the modes allow."""
+    if not namespaces_available():
+        pytest.skip("needs root and mount namespaces")
+    d = tempfile.mkdtemp(prefix="cg-ro-", dir="/var/tmp")
+    os.chmod(d, 0o755)
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(os.path.join(d, "s.sock"))
+        os.chmod(os.path.join(d, "s.sock"), 0o777)
+        server.listen()
+        os.mkfifo(os.path.join(d, "f.fifo"))
+        os.chmod(os.path.join(d, "f.fifo"), 0o666)
+        reader = os.open(os.path.join(d, "f.fifo"), os.O_RDONLY | os.O_NONBLOCK)
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_PROBE, d], capture_output=True, text=True, timeout=30
+        )
+        os.close(reader)
+        assert done.stdout.split("\n")[:3] == ["create 30", "connected", "fifo opened"], done
+    finally:
+        server.close()
+        remove_tree(d)
+
+
+def test_sockets_and_fifos_in_the_bound_trees_are_covered(host):
+    """A socket or FIFO inside a directory the run sees read-only is covered by /dev/null when
+    the root is built: read-only alone does not stop a connect() or a FIFO write."""
+    if not namespaces_available():
+        pytest.skip("needs root and namespaces")
+    tree = HERE / f".cg-tree-{secrets.token_hex(4)}"  # bound read-only, like a toolchain's
+    sock_path, fifo_path = str(tree / "deep" / "s.sock"), str(tree / "deep" / "f.fifo")
+    server = socket.socket(socket.AF_UNIX)
+    reader = -1
+    try:
+        (tree / "deep").mkdir(parents=True)
+        server.bind(sock_path)
+        os.chmod(sock_path, 0o777)
+        server.listen()
+        server.setblocking(False)
+        os.mkfifo(fifo_path)
+        os.chmod(fifo_path, 0o666)
+        reader = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
+        with Sandbox(LIMITS, read_only=[str(tree)]) as sb:  # a new zygote: it scans the tree
+            program = (
+                "import os, stat\n"
+                f"for p in ({sock_path!r}, {fifo_path!r}):\n"
+                "    print(p, stat.S_ISCHR(os.stat(p).st_mode))\n"
+                f"fd = os.open({fifo_path!r}, os.O_WRONLY | os.O_NONBLOCK)\n"
+                "os.write(fd, b'escaped')\n"
+            )
+            r = sb.run(program)
+        assert r.completed, r
+        assert f"{sock_path} True" in r.stdout and f"{fifo_path} True" in r.stdout, r.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()
+        try:
+            data = os.read(reader, 100)  # b"": no writer ever reached this FIFO
+        except BlockingIOError:
+            data = b""
+        assert data == b""
+    finally:
+        server.close()
+        if reader >= 0:
+            os.close(reader)
+        remove_tree(str(tree))
+
+
+def test_a_toolchain_directory_is_shown_read_only_and_nothing_beside_it(tmp_path, host):
+    """`Sandbox(read_only=...)`: what a compiled language's steps will need (a compiler's
+    directory) is bound read-only; its siblings stay out of the run."""
+    if not namespaces_available():
+        pytest.skip("needs root and namespaces")
+    tool = tmp_path / "toolchain"
+    (tool / "bin").mkdir(parents=True)
+    (tool / "bin" / "cc").write_text("#!/bin/sh\necho compiled\n")
+    (tool / "bin" / "cc").chmod(0o755)
+    (tmp_path / "private.txt").write_text("not for the run")
+    with Sandbox(LIMITS, read_only=[str(tool)]) as sb:
+        program = (
+            "import os, subprocess\n"
+            f"print(subprocess.run([{str(tool / 'bin' / 'cc')!r}], capture_output=True, text=True).stdout)\n"
+            f"print('sibling', os.path.exists({str(tmp_path / 'private.txt')!r}))\n"
+            "try:\n"
+            f"    open({str(tool / 'new')!r}, 'w')\n"
+            "except OSError as e:\n    print('write', e.errno)\n"
+        )
+        r = sb.run(program)
+    assert r.completed, r
+    assert r.stdout.split("\n") == ["compiled", "", "sibling False", "write 30", ""], r.stdout
+
+
+SYSV_IPC = (
+    "    import ctypes\n"
+    "    libc = ctypes.CDLL(None, use_errno=True)\n"
+    "    flags = 0o1000 | 0o666  # IPC_CREAT | 0666\n"
+    "    print('shm', libc.shmget({key}, 4096, flags))\n"
+    "    print('msg', libc.msgget({key}, flags))\n"
+    "    print('sem', libc.semget({key}, 1, flags))\n"
+    "    return 1\n"
+)
+
+
+def sysv_objects(key: int) -> list[str]:
+    """Host System V IPC objects with this key, or owned by a sandbox uid."""
+    uids = host_uids()
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        head = lines[0].split()
+        for line in lines[1:]:
+            row = dict(zip(head, line.split(), strict=False))
+            if int(row["key"]) == key or int(row["uid"]) in uids:
+                found.append(f"{kind} {line}")
+    return found
+
+
+def remove_sysv(key: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    shm, msg, sem = libc.shmget(key, 0, 0), libc.msgget(key, 0), libc.semget(key, 0, 0)
+    if shm >= 0:
+        libc.shmctl(shm, 0, None)  # IPC_RMID
+    if msg >= 0:
+        libc.msgctl(msg, 0, None)
+    if sem >= 0:
+        libc.semctl(sem, 0, 0)
+
+
+def test_system_v_ipc_dies_with_the_run(sandbox, host):
+    needs_full_isolation(sandbox)
+    if not Path("/proc/sysvipc/shm").exists():
+        pytest.skip("no /proc/sysvipc on this kernel")
+    key = 0x5C000000 + secrets.randbelow(1 << 20)
+    try:
+        r = score(sandbox, SYSV_IPC.format(key=key))
+        made = {line.split()[0] for line in r.stdout.splitlines() if not line.endswith(" -1")}
+        assert made == {"shm", "msg", "sem"}, r.stdout  # the run could make all three, privately
+        assert sysv_objects(key) == []
+    finally:
+        remove_sysv(key)
+
+
+FRAME_WALK = (  # the probe's four lines, at module level
+    "    return 0\n"
+    "import sys, os\n"
+    "f = sys._getframe().f_back\n"
+    "while f is not None and not ('token' in f.f_locals and 'result_fd' in f.f_locals): f = f.f_back\n"
+    "os.write(f.f_locals['result_fd'], (f.f_locals['token'] + '\\n').encode()); os._exit(0)\n"
+)
+# Every place the driver might keep a secret, every descriptor it might write to.
+FORGE = (
+    "    return 0\n"
+    "import gc, os, re, sys\n"
+    "HEX = re.compile(rb'[0-9a-f]{{32}}')\n"
+    "def forge(secrets):\n"
+    "    # one line per descriptor (a result line with garbage around it would not count)\n"
+    "    line = secrets[0] + b'\\n' if secrets else b'passed\\n'\n"
+    "    lines = [b'passed ' + s + b'\\n' for s in secrets] + [b'passed\\n']\n"
+    "    for fd in range(3, 256):\n"
+    "        try:\n            os.write(fd, line)\n"
+    "        except OSError:\n            pass\n"
+    "    for d in ('/proc/1/fd', f'/proc/{{os.getppid()}}/fd'):\n"
+    "        try:\n            names = os.listdir(d)\n"
+    "        except OSError:\n            continue\n"
+    "        for n in names:\n"
+    "            try:\n                fd = os.open(f'{{d}}/{{n}}', os.O_WRONLY)\n"
+    "            except OSError:\n                continue\n"
+    "            for line in lines[:200]:\n"
+    "                try:\n                    os.write(fd, line)\n"
+    "                except OSError:\n                    break\n"
+    "    os._exit(0)\n"
+    "{find}\n"
+)
+FIND_IN_FRAMES = (
+    "found = []\n"
+    "f = sys._getframe()\n"
+    "while f is not None:\n"
+    "    for scope in (f.f_locals, f.f_globals):\n"
+    "        for v in list(scope.values()):\n"
+    "            if isinstance(v, str) and HEX.fullmatch(v.encode()):\n"
+    "                found.append(v.encode())\n"
+    "            if isinstance(v, dict):\n"
+    "                found += [x.encode() for x in v.values() if isinstance(x, str) and HEX.fullmatch(x.encode())]\n"
+    "            for cell in getattr(v, '__closure__', None) or ():\n"
+    "                c = cell.cell_contents\n"
+    "                if isinstance(c, str) and HEX.fullmatch(c.encode()):\n"
+    "                    found.append(c.encode())\n"
+    "    f = f.f_back\n"
+    "forge(found)\n"
+)
+FIND_IN_GC = (
+    "found = []\n"
+    "for o in gc.get_objects():\n"
+    "    for v in (o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()):\n"
+    "        if isinstance(v, str) and HEX.fullmatch(v.encode()):\n"
+    "            found.append(v.encode())\n"
+    "forge(found)\n"
+)
+FIND_IN_MEMORY = (
+    "import ctypes\n"
+    "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/mem becomes ours\n"
+    "found = []\n"
+    "with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:\n"
+    "    for line in maps:\n"
+    "        addr, perms = line.split()[:2]\n"
+    "        lo, hi = (int(x, 16) for x in addr.split('-'))\n"
+    "        if 'r' not in perms or 'w' not in perms or hi - lo > 1 << 28:\n"
+    "            continue\n"
+    "        try:\n            mem.seek(lo)\n            chunk = mem.read(hi - lo)\n"
+    "        except (OSError, ValueError, OverflowError):\n            continue\n"
+    "        found += re.findall(rb'(?<![0-9a-f])([0-9a-f]{32})(?![0-9a-f])', chunk)\n"
+    "import collections\n"
+    "forge([s for s, _ in collections.Counter(found).most_common()])\n"
+)
+
+
+ATTACK_THE_CHECKER = (  # read the checker's memory, take its descriptors, or kill it
+    "import ctypes, signal\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "found = []\n"
+    "for pid in (1, os.getppid()):\n"
+    "    print('attach', pid, libc.ptrace(16, pid, None, None), ctypes.get_errno())\n"
+    "    try:\n"
+    "        with open(f'/proc/{pid}/mem', 'rb') as m:\n"
+    "            found += HEX.findall(m.read(1 << 20))\n"
+    "    except OSError as e:\n        print('mem', pid, e)\n"
+    "    try:\n"
+    "        pidfd = os.pidfd_open(pid)\n"
+    "        for n in range(3, 16):\n"
+    "            try:\n                fd = libc.syscall(438, pidfd, n, 0)  # pidfd_getfd\n"
+    "                if fd >= 0:\n                    os.write(fd, b'passed\\n')\n"
+    "            except OSError:\n                pass\n"
+    "    except OSError as e:\n        print('pidfd', pid, e)\n"
+    "    try:\n        os.kill(pid, signal.SIGKILL)\n"
+    "    except OSError as e:\n        print('kill', pid, e)\n"
+    "forge(found)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        FRAME_WALK,
+        FORGE.format(find=FIND_IN_FRAMES),
+        FORGE.format(find=FIND_IN_GC),
+        FORGE.format(find=FIND_IN_MEMORY),
+        FORGE.format(find="forge([])"),  # the result descriptor's number alone
+        FORGE.format(find=ATTACK_THE_CHECKER),
+    ],
+    ids=[
+        "probe-frame-walk",
+        "frames-globals-closures",
+        "gc-objects",
+        "proc-self-mem",
+        "fd-numbers",
+        "ptrace-or-kill-the-checker",
+    ],
+)
+def test_a_pass_cannot_be_forged_from_inside(sandbox, host, body):
+    failed(score(sandbox, body), "failed")
+
+
+def test_shadowing_a_builtin_the_check_uses_does_not_pass(sandbox, host):
+    task = Task(
+        task_id="hostile/abs-global",
+        prompt="def f():\n",
+        canonical_solution="    return 1.5\n",
+        test="def check(candidate):\n    assert abs(candidate() - 1.5) < 1e-6\n",
+        entry_point="f",
+        kind="humaneval",
+    )
+    body = "    return 99\nabs = lambda x: 0\nimport math\nmath.isclose = lambda *a, **k: True\n"
+    failed(execute(task, body, sandbox=sandbox), "AssertionError")
+    task = Task(
+        task_id="hostile/isclose",
+        prompt="import math\ndef f():\n",
+        canonical_solution="    return 1.5\n",
+        test="def check(candidate):\n    assert math.isclose(candidate(), 1.5)\n",
+        entry_point="f",
+        kind="humaneval",
+    )
+    failed(execute(task, body, sandbox=sandbox), "AssertionError")
+    assert execute(task, "    return 1.5\n", sandbox=sandbox).passed
+
+
+def test_the_program_never_sees_the_test(sandbox, host):
+    secret_test = "def check(candidate):\n    assert candidate() == 1  # EXPECTED-VALUE-MARKER\n"
+    task = Task(
+        task_id="hostile/peek",
+        prompt="def f():\n",
+        canonical_solution="    return 1\n",
+        test=secret_test,
+        entry_point="f",
+        kind="humaneval",
+    )
+    body = (
+        "    return 0\nimport gc, sys\n"
+        "seen = [o for o in gc.get_objects() if isinstance(o, dict)\n"
+        "        for v in o.values() if isinstance(v, str) and 'EXPECTED-VALUE' + '-MARKER' in v]\n"
+        "fr = sys._getframe()\n"
+        "while fr is not None:\n"
+        "    seen += [v for v in fr.f_locals.values() if isinstance(v, (str, dict)) and\n"
+        "             'EXPECTED-VALUE' + '-MARKER' in str(v)]\n"
+        "    fr = fr.f_back\n"
+        "print('saw the test' if seen else 'test hidden')\n"
+    )
+    r = execute(task, body, sandbox=sandbox)
+    failed(r, "AssertionError")
+    assert "test hidden" in r.stdout, r.stdout

@@ -13,7 +13,9 @@ import json
 import re
 from pathlib import Path
 
+from codegemma.eval.lm_eval_cli import register_lm_eval
 from codegemma.eval.tasks import TASKSETS
+from codegemma.options import add_model_options, load_options
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -32,7 +34,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="MBPP file (or $CODEGEMMA_MBPP); HumanEval file")
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     p.add_argument("--k", type=_ks, default=(1,), dest="ks", help="pass@k to report, e.g. 1,10")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per program (default: the task set's, 3)",
+    )
     p.add_argument("--workers", type=int, default=None, help="parallel programs (default: CPUs)")
     p.add_argument("--out", default=None, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -41,19 +48,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="benchmarks: HumanEval, infilling, MBPP (sandboxed)")
     sub = ev.add_subparsers(dest="eval_command", required=True)
+    register_lm_eval(sub)
 
     p = sub.add_parser("run", help="generate with a model, execute, score")
     _common(p)
-    p.add_argument(
-        "--model", "-m", default=None, help="model dir or HF-cache id (default: bundled)"
-    )
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
+    add_model_options(p)
     p.add_argument("--n", type=int, default=1, help="samples per task")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default 128 for infilling, 512 otherwise"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: the task set's (128 for infilling, 512 otherwise)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -91,17 +98,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from codegemma.eval.runner import CodeGemmaGenerator, RunConfig, run_eval
 
     model_name = Path(args.model).name if args.model else "bundled"
-    max_new = args.max_new_tokens or (
-        128 if "line" in args.taskset or "span" in args.taskset else 512
-    )
-    cfg = RunConfig(
+    cfg = RunConfig(  # unset --max-new-tokens / --timeout: the task set's defaults
         taskset=args.taskset,
         model=model_name,
         n=args.n,
         ks=args.ks,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_new_tokens=max_new,
+        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         limit=args.limit,
         every=args.every,
@@ -111,9 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     out = args.out or f"eval-runs/{args.taskset}-{_slug(model_name)}"
-    cg = codegemma.load(
-        args.model, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size
-    )
+    cg = codegemma.load(args.model, **load_options(args), max_batch_size=args.batch_size)
     summary = run_eval(cfg, CodeGemmaGenerator(cg), out, progress=not args.quiet)
     _print(summary, out)
     return 0

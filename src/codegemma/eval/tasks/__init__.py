@@ -7,6 +7,7 @@ the asserts (see execution.build_program).
     from codegemma.eval.tasks import load_taskset
     tasks = load_taskset("humaneval-single-line")       # 1033 tasks
     tasks = load_taskset("mbpp", data="mbpp.jsonl")     # 500 tasks, 3-shot prompts
+    TASKSETS["humaneval-single-line"].max_new_tokens    # 128: each set carries its defaults
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from codegemma.errors import EvalError
 
 KINDS = ("humaneval", "infilling", "mbpp")
 
@@ -65,28 +68,70 @@ def _mbpp(shots: int, sanitized: bool) -> Callable:
     return load
 
 
-TASKSETS: dict[str, Callable] = {
-    "humaneval": _humaneval,
-    "humaneval-single-line": _infilling("single-line"),
-    "humaneval-multi-line": _infilling("multi-line"),
-    "humaneval-random-span": _infilling("random-span"),
-    "humaneval-random-span-light": _infilling("random-span-light"),
-    "mbpp": _mbpp(3, sanitized=False),
-    "mbpp-0shot": _mbpp(0, sanitized=False),
-    "mbpp-sanitized": _mbpp(3, sanitized=True),
-    "mbpp-sanitized-0shot": _mbpp(0, sanitized=True),
-}
+@dataclass(frozen=True, kw_only=True)
+class TaskSet:
+    """A named benchmark: how to load it, and the defaults a run of it uses unless told otherwise.
+
+    `max_new_tokens`: 128 for the infilling sets (the published timing setting; a middle is short),
+    512 for whole functions and MBPP programs. `timeout_s`: wall-clock seconds per program."""
+
+    name: str
+    load: Callable  # (data, limit) -> list[Task]
+    max_new_tokens: int
+    timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or not self.timeout_s > 0:
+            raise ValueError(f"task set {self.name}: max_new_tokens and timeout_s must be positive")
+
+
+def _sets(*sets: TaskSet) -> dict[str, TaskSet]:
+    return {s.name: s for s in sets}
+
+
+INFILL_TOKENS, PROGRAM_TOKENS = 128, 512
+TASKSETS: dict[str, TaskSet] = _sets(
+    TaskSet(name="humaneval", load=_humaneval, max_new_tokens=PROGRAM_TOKENS),
+    TaskSet(
+        name="humaneval-single-line", load=_infilling("single-line"), max_new_tokens=INFILL_TOKENS
+    ),
+    TaskSet(
+        name="humaneval-multi-line", load=_infilling("multi-line"), max_new_tokens=INFILL_TOKENS
+    ),
+    TaskSet(
+        name="humaneval-random-span", load=_infilling("random-span"), max_new_tokens=INFILL_TOKENS
+    ),
+    TaskSet(
+        name="humaneval-random-span-light",
+        load=_infilling("random-span-light"),
+        max_new_tokens=INFILL_TOKENS,
+    ),
+    TaskSet(name="mbpp", load=_mbpp(3, sanitized=False), max_new_tokens=PROGRAM_TOKENS),
+    TaskSet(name="mbpp-0shot", load=_mbpp(0, sanitized=False), max_new_tokens=PROGRAM_TOKENS),
+    TaskSet(name="mbpp-sanitized", load=_mbpp(3, sanitized=True), max_new_tokens=PROGRAM_TOKENS),
+    TaskSet(
+        name="mbpp-sanitized-0shot", load=_mbpp(0, sanitized=True), max_new_tokens=PROGRAM_TOKENS
+    ),
+)
+
+
+def get_taskset(name: str) -> TaskSet:
+    if name not in TASKSETS:
+        raise EvalError(
+            f"unknown task set {name!r}; choose one of {', '.join(TASKSETS)}",
+            fix="pass one of the names listed (codegemma eval run --help)",
+        )
+    return TASKSETS[name]
 
 
 def load_taskset(
     name: str, data: str | os.PathLike | None = None, limit: int | None = None
 ) -> list[Task]:
     """Tasks of a named set, in the benchmark's order; `limit` keeps the first N."""
-    if name not in TASKSETS:
-        raise ValueError(f"unknown task set {name!r}; choose one of {', '.join(TASKSETS)}")
+    taskset = get_taskset(name)
     if limit is not None and limit <= 0:
-        raise ValueError(f"--limit must be a positive number of tasks, got {limit}")
-    tasks = TASKSETS[name](data, limit)
+        raise EvalError(f"--limit must be a positive number of tasks, got {limit}")
+    tasks = taskset.load(data, limit)
     return tasks[:limit] if limit is not None else tasks
 
 

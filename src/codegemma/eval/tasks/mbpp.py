@@ -25,6 +25,7 @@ import os
 import re
 from pathlib import Path
 
+from codegemma.errors import EvalError
 from codegemma.eval.tasks import Task
 
 ENV_VAR = "CODEGEMMA_MBPP"
@@ -57,7 +58,7 @@ def read_rows(path: Path) -> list[dict]:
             else [json.loads(line) for line in text.splitlines() if line.strip()]
         )
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is neither MBPP JSONL nor a JSON list: {e}") from e
+        raise EvalError(f"{path} is neither MBPP JSONL nor a JSON list: {e}") from e
     return [_normalize(row, path) for row in rows]
 
 
@@ -75,7 +76,7 @@ def _normalize(row: dict, path: Path) -> dict:
         if v is None
     ]
     if missing:
-        raise ValueError(f"{path}: a row lacks {missing}; is this an MBPP file?")
+        raise EvalError(f"{path}: a row lacks {missing}; is this an MBPP file?")
     setup = row.get("test_setup_code")
     if setup is None:
         setup = "\n".join(row.get("test_imports") or [])
@@ -119,14 +120,14 @@ def load_mbpp(
     if shots:
         absent = [i for i in SHOT_IDS if i not in rows]
         if absent:
-            raise ValueError(
+            raise EvalError(
                 f"{path} lacks the 3-shot example tasks {absent}; use the full "
                 "mbpp.jsonl (or a 0-shot task set)"
             )
         examples = [rows[i] for i in SHOT_IDS]
     test_rows = [rows[i] for i in sorted(rows) if i in TEST_IDS]
     if not test_rows:
-        raise ValueError(f"{path} has no task in the MBPP test split (ids 11-510)")
+        raise EvalError(f"{path} has no task in the MBPP test split (ids 11-510)")
     name = "mbpp-sanitized" if sanitized else "mbpp"
     return [
         Task(
