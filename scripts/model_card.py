@@ -1,6 +1,7 @@
 """Write MODEL_CARD.md of the bundled model from the files its recipe produced: measured facts only.
 
-Reads the corpus record (scripts/stdlib_corpus.py), the data manifest (`codegemma data prepare`),
+Reads the corpus record (scripts/stdlib_corpus.py: SOURCES.json, and LICENSES.json when
+packages were staged too, whose table of packages, versions and licences the card includes), the data manifest (`codegemma data prepare`),
 the training run (metrics.jsonl, run config), the exported model directory and the evaluation run
 directories (`codegemma eval run`), and renders the card. Nothing in the card is typed by hand
 except prose, so rerunning `make model` rewrites every number.
@@ -57,13 +58,75 @@ def model_section(config: ModelConfig) -> str:
     )
 
 
-def data_section(corpus: dict, manifest: dict) -> str:
+def fim_row(manifest: dict) -> str:
+    """The FIM line of the data table, in the unit FIM was applied to (rows or files)."""
     s = manifest["stats"]
     fim = s["fim"]
+    splits = (
+        f"splits: syntax {fim.get('split_syntax', 0):,}, character {fim.get('split_char', 0):,}"
+    )
+    if manifest.get("fim_level", "document") == "context":
+        head = (
+            f"context level: {fim['fim'] / fim['rows']:.1%} of rows FIM'd (PSM {fim['psm']:,}, "
+            f"SPM {fim['spm']:,}, plain {fim['plain']:,})"
+        )
+    else:
+        head = (
+            f"document level: {fim['fim'] / fim['files']:.1%} of files FIM'd (PSM "
+            f"{fim['psm']:,}, SPM {fim['spm']:,}, plain {fim['plain']:,})"
+        )
+    rows = s.get("rows", {})
+    whole = ""
+    if rows:
+        per_million = 1e6 * rows.get("fim_examples", 0) / manifest["num_tokens"]
+        whole = (
+            f"; {rows.get('fim_examples', 0):,} whole FIM examples in rows "
+            f"({per_million:,.0f} per million tokens)"
+        )
+    return f"{head}; {splits}{whole}"
+
+
+def sources_row(corpus: dict, licences: dict | None) -> str:
+    text = f"{corpus['source']}, CPython {corpus['python']}"
+    if licences:
+        t = licences["totals"]
+        text += (
+            f"; and {t['packages']} permissively licensed packages installed with it "
+            f"({t['files']['train']:,} training files, {t['bytes']['train'] / 1e6:.1f} MB; "
+            "see Package licences)"
+        )
+    return text
+
+
+def licence_section(licences: dict | None) -> str:
+    """Every package in the corpus with its version and licence, then what was left out."""
+    if not licences:
+        return "Only the CPython standard library (PSF licence) was used."
+    rows = [
+        "| package | version | licence (as declared) | files | bytes |",
+        "|---|---|---|---:|---:|",
+    ]
+    for p in licences["packages"]:
+        files = p["files"]["train"] + p["files"]["heldout"]
+        size = p["bytes"]["train"] + p["bytes"]["heldout"]
+        declared = p["licence"].replace("|", "/").replace("\n", " ")[:60]
+        rows.append(f"| {p['name']} | {p['version']} | {declared} | {files:,} | {size:,} |")
+    left_out = ", ".join(f"{x['name']} ({x['reason']})" for x in licences["excluded"])
+    return (
+        "Packages whose metadata declares only MIT, BSD, Apache-2.0, PSF or ISC licences "
+        "(scripts/package_corpus.py; tests and vendored code left out). Recorded in "
+        "`LICENSES.json` beside the corpus.\n\n"
+        + "\n".join(rows)
+        + f"\n\nLeft out: {left_out or 'none'}."
+    )
+
+
+def data_section(corpus: dict, manifest: dict, licences: dict | None = None) -> str:
+    s = manifest["stats"]
     return _table(
         [
-            ("source", f"{corpus['source']}, CPython {corpus['python']}"),
-            ("licence", corpus["licence"]),
+            ("source", sources_row(corpus, licences)),
+            ("licence", corpus["licence"] + ("; packages: see below" if licences else "")),
             (
                 "files",
                 f"{corpus['files']['train']:,} training ({corpus['bytes']['train'] / 1e6:.1f} MB), "
@@ -76,12 +139,7 @@ def data_section(corpus: dict, manifest: dict) -> str:
             ("PII redacted", _counts(s["pii"])),
             ("decontamination (HumanEval)", _counts(s["decontaminate"])),
             ("repository packing", _counts(s["packing"])),
-            (
-                "FIM",
-                f"{fim['fim'] / fim['files']:.1%} of files FIM'd (PSM {fim['psm']:,}, SPM "
-                f"{fim['spm']:,}, plain {fim['plain']:,}); splits: syntax {fim.get('split_syntax', 0):,}, "
-                f"character {fim.get('split_char', 0):,}",
-            ),
+            ("FIM", fim_row(manifest)),
             (
                 "tokens",
                 f"{manifest['num_tokens']:,} in {manifest['num_sequences']:,} rows of "
@@ -148,6 +206,14 @@ def docstring_share(eval_dirs: list[Path]) -> str:
 
 def limitations_section(manifest: dict, eval_dirs: list[Path]) -> str:
     fim = manifest["stats"]["fim"]
+    if manifest.get("fim_level", "document") == "context":
+        rows = manifest["stats"].get("rows", {})
+        share = docstring_share(eval_dirs)
+        measured = f" Middles may still open a docstring{share}." if share else ""
+        return f"""FIM is applied per training row (context level, as in the FIM paper), so the
+{manifest["num_tokens"]:,} tokens hold {rows.get("fim_examples", fim["fim"]):,} whole FIM examples ({fim["psm"]:,} PSM, {fim["spm"]:,} SPM),
+each with its prefix, suffix and middle in one row.{measured} The model is tiny and trained briefly:
+more tokens and a larger model are what it lacks; official CodeGemma weights need none of this."""
     return f"""FIM is applied once per file, as the recipe says, so this small corpus gives only
 {fim["fim"]:,} FIM examples ({fim["psm"]:,} PSM, {fim["spm"]:,} SPM) among {manifest["num_tokens"]:,}
 tokens: far too few for an 8M-parameter model to learn the sentinels well. Given a PSM prompt it
@@ -159,6 +225,8 @@ tokens and a larger model are what it lacks; official CodeGemma weights need non
 
 def render(args: argparse.Namespace) -> str:
     corpus = json.loads((args.corpus / "SOURCES.json").read_text())
+    licence_file = args.corpus / "LICENSES.json"
+    licences = json.loads(licence_file.read_text()) if licence_file.is_file() else None
     manifest = json.loads((args.data / "manifest.json").read_text())
     config = ModelConfig.load(args.model)
     evals = report(args.eval) if args.eval else "(no evaluation runs given)"
@@ -177,7 +245,11 @@ programs. Every number below was written by `scripts/model_card.py` from the run
 
 ## Data
 
-{data_section(corpus, manifest)}
+{data_section(corpus, manifest, licences)}
+
+### Package licences
+
+{licence_section(licences)}
 
 ## Training
 

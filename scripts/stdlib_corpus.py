@@ -7,7 +7,12 @@ of its relative path is below 256 * heldout_fraction, so the split is the same o
 with the same Python. Writes OUT/SOURCES.json: Python version, licence, file and byte counts, and
 a digest of the file list, which MODEL_CARD.md quotes.
 
-    python scripts/stdlib_corpus.py build/corpus [--heldout 0.02]
+With `--packages`, also stages the permissively licensed pure-Python packages installed in this
+interpreter's site-packages, one repository each, and their LICENSES.json
+(scripts/package_corpus.py; `codegemma data prepare` takes them as the `NAME=PATH` lines of
+OUT/packages-train.txt and OUT/packages-heldout.txt).
+
+    python scripts/stdlib_corpus.py build/corpus [--heldout 0.02] [--packages]
 """
 
 from __future__ import annotations
@@ -67,8 +72,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--heldout", type=float, default=0.02, help="held-out share of files")
+    parser.add_argument(
+        "--packages",
+        action="store_true",
+        help="also stage the permissively licensed packages of this Python's site-packages",
+    )
     args = parser.parse_args()
-    print(json.dumps(stage(args.out, args.heldout), indent=2))
+    info = stage(args.out, args.heldout)
+    if args.packages:
+        from package_corpus import default_site_packages
+        from package_corpus import stage as stage_packages
+
+        record = stage_packages(args.out, default_site_packages(), args.heldout)
+        info["packages"] = record["totals"]
+        (args.out / "SOURCES.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

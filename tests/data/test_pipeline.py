@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from codegemma.data import pipeline
+from codegemma.data.fim import FimConfig, restore_row
 from codegemma.data.pipeline import PrepareConfig, prepare
 from codegemma.data.shards import ShardError, open_shards
 from codegemma.data.sources import SourceConfig
@@ -75,10 +76,14 @@ def test_manifest_counts_every_stage(prepared, tiny_tokenizer) -> None:
         "cpp",
         "csharp",
     }
-    fim = st["fim"]
-    assert (
-        fim["psm"] + fim["spm"] + fim["plain"] == fim["files"] == sum(st["language_files"].values())
-    )
+    fim = st["fim"]  # context level (the default): FIM per row
+    assert m["fim_level"] == m["config"]["fim"]["fim_level"] == "context"
+    assert fim["files"] == sum(st["language_files"].values())
+    assert fim["psm"] + fim["spm"] + fim["plain"] == fim["rows"] == m["num_sequences"]
+    rows = st["rows"]  # counted from the bytes written: every FIM'd row holds one whole example
+    assert rows["rows"] == m["num_sequences"]
+    assert rows["fim"] == rows["fim_examples"] == fim["psm"] + fim["spm"] > 0
+    assert "fim_broken" not in rows
     assert st["packing"]["repos"] == 3
     assert m["num_sequences"] == sum(s["sequences"] for s in m["shards"]) > 0
     assert m["num_tokens"] == m["num_sequences"] * SEQ_LEN
@@ -292,6 +297,40 @@ def test_kill_9_of_prepare_kills_its_workers_and_a_rerun_repairs(
     assert not list(out.rglob("*.tmp"))
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert _untimed(resumed) == _untimed(json.loads((reference / "manifest.json").read_text()))
+
+
+def test_document_level_fims_files(corpus, tiny_tokenizer_dir, tmp_path) -> None:
+    config = _config(tiny_tokenizer_dir, fim=FimConfig(fim_level="document"))
+    m = prepare(_sources(corpus), tmp_path / "doc", config, workers=1)
+    st = m["stats"]
+    assert m["fim_level"] == "document" and "document-level" in m["layout"]
+    fim = st["fim"]
+    assert fim["psm"] + fim["spm"] + fim["plain"] == fim["files"]
+    assert fim["files"] == sum(st["language_files"].values()) and "rows" not in fim
+    # FIM'd files longer than a row leave rows with sentinels but no whole example
+    assert st["rows"]["rows"] == m["num_sequences"]
+    assert st["rows"]["fim_examples"] < fim["psm"] + fim["spm"]
+
+
+def test_context_rows_restore_to_the_plain_stream(
+    prepared, corpus, tiny_tokenizer, tiny_tokenizer_dir, tmp_path
+) -> None:
+    """End to end: the context-FIM'd rows of each shard, their middles moved back, are the text
+    of the same shard without FIM (nothing lost or repeated, only the tail differs)."""
+    out, _ = prepared
+    plain = _config(tiny_tokenizer_dir, fim=FimConfig(fim_level="document", rate=0.0))
+    prepare(_sources(corpus), tmp_path / "plain", plain, workers=1)
+    tok, compared, longest = tiny_tokenizer, 0, 0
+    for name in _shard_bytes(out):
+        fimmed = np.fromfile(out / name, dtype=np.uint16).reshape(-1, SEQ_LEN)
+        restored = tok.decode([t for row in fimmed for t in restore_row(tok, row.tolist())])
+        reference = tok.decode(np.fromfile(tmp_path / "plain" / name, dtype=np.uint16).tolist())
+        if not (restored or reference):
+            continue  # no repository hashed onto this shard
+        common = min(len(restored), len(reference)) - 4  # a character cut at the very end
+        assert restored[:common] == reference[:common]
+        compared, longest = compared + common, longest + max(len(restored), len(reference))
+    assert compared > 0.9 * longest  # the tails, shorter than a row each, differ
 
 
 def test_other_config_in_same_out_is_refused(prepared, corpus, tiny_tokenizer_dir) -> None:

@@ -1,7 +1,7 @@
 """`codegemma data prepare | inspect` (registered by codegemma/cli.py).
 
     codegemma data prepare repo_a repo_b=path/to/b corpus.jsonl --out data/ --tokenizer tok/ \\
-        --seq-len 2048 [--fim-rate 0.8] [--engine local|ray] [--workers 8]
+        --seq-len 2048 [--fim-rate 0.8] [--fim-level context|document] [--engine local|ray]
     codegemma data inspect data/ --n 3
 
 Every setting has one source: the flags of `prepare` that are fields of `PrepareConfig` are
@@ -66,6 +66,9 @@ def _add_prepare(sub: Any) -> None:
     add_field_option(p, "--shards", PrepareConfig, "num_shards", dest="cfg_num_shards")
     for flag, name in FIM_FLAGS.items():
         add_field_option(p, flag, FimConfig, name, dest=f"fim_{name}")
+    # --fim-level: the field's own name, so generated with its choices
+    others = [f.name for f in dataclasses.fields(FimConfig) if f.name != "fim_level"]
+    add_dataclass_options(p, FimConfig, exclude=others, dest_prefix="fim_")
     p.add_argument(
         "--engine",
         choices=ENGINES,

@@ -6,8 +6,10 @@
 2. **dedup** (once, global): exact + MinHash/LSH clusters over all signatures; each cluster keeps
    its lexicographically smallest id.
 3. **shard** (one job per output shard): drop duplicates -> PII redaction -> decontamination ->
-   group by repository -> `order_repository` (dependency order) -> `build_repo_sample` (FIM)
-   -> `<bos> sample <eos>` per repository, concatenated and cut into `seq_len` rows.
+   group by repository -> `order_repository` (dependency order) -> `<bos> sample <eos>` per
+   repository, concatenated and cut into `seq_len` rows. FIM at context level (the default):
+   samples are plain (`plain_repo_sample`) and each row is FIM'd (`ContextPacker`); at document
+   level each file is FIM'd in its sample (`build_repo_sample`) before the cut.
 
 Jobs are pure functions of (config, job index), so any executor gives the same bytes: the local
 engine (multiprocessing) and the Ray Data engine are checked equal in tests. Every job records a
@@ -27,7 +29,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from codegemma.data.decontaminate import DecontamConfig, Decontaminate
 from codegemma.data.dedup import DedupConfig, Signatures, Signer, cluster
 from codegemma.data.document import Document
 from codegemma.data.filters import FilterConfig, QualityFilters
-from codegemma.data.fim import FimConfig
+from codegemma.data.fim import MIN_PART_TOKENS, FimConfig
 from codegemma.data.pii import PiiConfig, PiiStep
 from codegemma.data.shards import (
     MANIFEST,
@@ -55,7 +57,17 @@ from codegemma.options import option
 
 log = logging.getLogger(__name__)
 WORK = ".work"
+MIN_CONTEXT_SEQ_LEN = 2 * MIN_PART_TOKENS  # a row must hold a FIM-able part and more
 MAX_WARNINGS = 20  # per read job; the rest are summed up in one line (all are counted)
+_PACKED = (
+    "each repository: <bos> file_1 <|file_separator|> ... file_n <eos>; repositories "
+    "concatenated and cut into seq_len rows; the last partial row of each shard is dropped"
+)
+LAYOUTS = {
+    "document": f"{_PACKED}; files FIM'd before the cut (document-level FIM)",
+    "context": f"{_PACKED}; each row FIM'd after the cut (context-level FIM): one file-part "
+    "of the row in PSM or SPM, the text that no longer fits starting the next row",
+}
 
 
 def _nested(cls: type) -> Any:
@@ -84,6 +96,12 @@ class PrepareConfig:
             raise UsageError(f"seq_len (--seq-len) must be at least 2, got {self.seq_len}")
         if self.num_shards < 1:
             raise UsageError(f"num_shards (--shards) must be at least 1, got {self.num_shards}")
+        if self.fim.fim_level == "context" and self.seq_len < MIN_CONTEXT_SEQ_LEN:
+            raise UsageError(
+                f"context-level FIM needs seq_len (--seq-len) >= {MIN_CONTEXT_SEQ_LEN}, "
+                f"got {self.seq_len}",
+                fix="use a longer --seq-len, or --fim-level document",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = as_dict(self)
@@ -187,8 +205,6 @@ def load_bucket(job: Job, bucket: int, read_results: Sequence[dict[str, Any]]) -
 
 def run_shard(job: Job, bucket: int) -> dict[str, Any]:
     """Output shard `bucket`: redact, decontaminate, order, FIM and pack its repositories."""
-    from codegemma.data.fim import build_repo_sample
-    from codegemma.data.packing import order_repository
     from codegemma.tokenizer import Tokenizer
 
     marker = _work(job) / f"shard-{bucket:05d}.done.json"
@@ -209,15 +225,9 @@ def run_shard(job: Job, bucket: int) -> dict[str, Any]:
         Path(job.out) / shard_name(bucket), cfg.seq_len, token_dtype(tok.vocab_size)
     )
     stats = Stats({"pii": pii.stats, "decontaminate": decon.stats})
+    pack = _pack_context if cfg.fim.fim_level == "context" else _pack_documents
     try:
-        # repositories in a seeded shuffle, so a shard is not alphabetical by repo name
-        for repo in sorted(by_repo, key=lambda r: (repo_seed(cfg.seed, r), r)):
-            packed = order_repository(sorted(by_repo[repo], key=lambda d: d.path))
-            sample = build_repo_sample(
-                tok, packed.documents, cfg.fim, seed=repo_seed(cfg.seed, repo)
-            )
-            writer.add([tok.bos_id, *sample.tokens, tok.eos_id])
-            _count_repo(stats, packed, sample)
+        pack(tok, cfg, bucket, by_repo, writer, stats)
     except BaseException:
         writer.abort()
         raise
@@ -227,9 +237,83 @@ def run_shard(job: Job, bucket: int) -> dict[str, Any]:
         dropped_tail=info.tokens_dropped,
         samples=info.tokens_in,
     )
+    stats["rows"].update(count_fim_rows(Path(job.out) / info.file, cfg.seq_len, tok))
     result = {"shard": info.to_dict(), "stats": stats.to_dict()}
     write_text_atomic(marker, json.dumps(result))
     return result
+
+
+def _repo_order(cfg: PrepareConfig, by_repo: dict[str, list[Document]]) -> Iterator[Any]:
+    """Each repository of a shard, its files in packing order; repositories in a seeded
+    shuffle, so a shard is not alphabetical by repository name."""
+    from codegemma.data.packing import order_repository
+
+    for repo in sorted(by_repo, key=lambda r: (repo_seed(cfg.seed, r), r)):
+        yield repo, order_repository(sorted(by_repo[repo], key=lambda d: d.path))
+
+
+def _pack_documents(
+    tok: Any,
+    cfg: PrepareConfig,
+    bucket: int,
+    by_repo: dict[str, list[Document]],
+    writer: ShardWriter,
+    stats: Stats,
+) -> None:
+    """Document-level FIM: every file FIM'd in its repository sample, then the cut into rows."""
+    from codegemma.data.fim import build_repo_sample
+
+    for repo, packed in _repo_order(cfg, by_repo):
+        sample = build_repo_sample(tok, packed.documents, cfg.fim, seed=repo_seed(cfg.seed, repo))
+        writer.add([tok.bos_id, *sample.tokens, tok.eos_id])
+        _count_repo(stats, packed, sample)
+
+
+def _pack_context(
+    tok: Any,
+    cfg: PrepareConfig,
+    bucket: int,
+    by_repo: dict[str, list[Document]],
+    writer: ShardWriter,
+    stats: Stats,
+) -> None:
+    """Context-level FIM: plain repository samples, cut into rows, each row FIM'd; the tail
+    shorter than a row goes to the writer, which drops and counts it."""
+    from codegemma.data.fim import ContextPacker, plain_repo_sample
+
+    packer = ContextPacker(tok, cfg.seq_len, cfg.fim, seed=cfg.seed, shard=bucket)
+    for _, packed in _repo_order(cfg, by_repo):
+        sample = plain_repo_sample(tok, packed.documents)
+        for row in packer.add(*sample.stream(tok)):
+            writer.add(row)
+        _count_repo(stats, packed, sample)
+    writer.add(packer.finish())
+    stats["fim"].update(packer.stats)
+
+
+def count_fim_rows(path: Path, seq_len: int, tok: Any, block_rows: int = 4096) -> Counter[str]:
+    """Rows of a shard file and the FIM examples they hold whole. A row's FIM sentinels read in
+    order, each run <|fim_prefix|> <|fim_suffix|> <|fim_middle|> is one whole example
+    (`fim_examples`; rows holding one: `fim`); a row with FIM sentinels but no whole run is
+    `fim_broken` (document level makes them from FIM'd files longer than a row). Counted the same
+    way at both levels, from the bytes written."""
+    import numpy as np
+
+    sp = tok.special
+    letter = {sp.fim_prefix: "p", sp.fim_suffix: "s", sp.fim_middle: "m"}
+    sentinels = np.array(list(letter))
+    size = path.stat().st_size
+    data = np.memmap(path, dtype=token_dtype(tok.vocab_size), mode="r") if size else np.zeros(0)
+    rows = data.reshape(-1, seq_len)
+    counts: Counter[str] = Counter(rows=len(rows))
+    for start in range(0, len(rows), block_rows):
+        block = np.asarray(rows[start : start + block_rows])
+        for row in block[np.isin(block, sentinels).any(axis=1)]:
+            marks = "".join(letter[int(t)] for t in row[np.isin(row, sentinels)])
+            whole = marks.count("psm")
+            counts["fim_examples"] += whole
+            counts["fim" if whole else "fim_broken"] += 1
+    return counts
 
 
 def _count_repo(stats: Stats, packed: Any, sample: Any) -> None:
@@ -342,9 +426,8 @@ def _manifest(
     shards = [r["shard"] for r in shard_results]
     return {
         **base_manifest(tok, cfg.seq_len, shards, tokenizer_path=cfg.tokenizer),
-        "layout": "each repository: <bos> file_1 <|file_separator|> ... file_n <eos>; "
-        "repositories concatenated and cut into seq_len rows; the last partial row "
-        "of each shard is dropped",
+        "layout": LAYOUTS[cfg.fim.fim_level],
+        "fim_level": cfg.fim.fim_level,
         "stats": stats.to_dict(),
         "dedup_clusters": dedup["clusters"],
         "config": cfg.to_dict(),

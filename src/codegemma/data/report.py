@@ -2,8 +2,9 @@
 
 Decoded sample sequences with the FIM sentinels, file separators, bos and eos highlighted (ANSI
 colours on a terminal, `[[name]]` brackets otherwise), then the statistics the manifest carries:
-files by language, drops by stage and reason, dedup clusters, PII counts, PSM/SPM/plain shares,
-packing and tokens. Plain text, no dependencies, so it works in CI logs.
+files by language, drops by stage and reason, dedup clusters, PII counts, the FIM level and
+PSM/SPM/plain shares (of rows or files), rows holding a whole FIM example and FIM examples per
+million tokens, packing and tokens. Plain text, no dependencies, so it works in CI logs.
 
     print(render(open_shards("out"), Tokenizer.load("tok"), n=3, color=False))
 """
@@ -95,17 +96,45 @@ def summary(manifest: dict[str, Any]) -> list[str]:
             f"{' ...' if len(cluster) > 4 else ''}"
         )
     lines += _section("PII redacted", st.get("pii", {}))
-    fim = st.get("fim", {})
-    n = fim.get("files", 0)
+    lines += _fim_section(manifest)
+    lines += _section("repository packing", st.get("packing", {}))
+    lines += _section("tokens", st.get("tokens", {}))
+    return lines
+
+
+def fim_level(manifest: dict[str, Any]) -> str:
+    """The level FIM was applied at; manifests from before the setting existed are document's."""
+    return manifest.get("fim_level") or manifest.get("config", {}).get("fim", {}).get(
+        "fim_level", "document"
+    )
+
+
+def _fim_section(manifest: dict[str, Any]) -> list[str]:
+    fim = manifest.get("stats", {}).get("fim", {})
+    level = fim_level(manifest)
+    unit = "rows" if level == "context" else "files"
+    lines = [f"\nFIM level: {level} (FIM applied per {unit[:-1]})"]
     lines += _section(
-        "FIM layout (share of files)", {k: fim.get(k, 0) for k in ("psm", "spm", "plain")}, n
+        f"FIM layout (share of {unit})",
+        {k: fim.get(k, 0) for k in ("psm", "spm", "plain")},
+        fim.get(unit, 0),
     )
     lines += _section(
         "FIM split modes",
-        {k: v for k, v in fim.items() if k.startswith(("split_", "syntax_fallback"))},
+        {k: v for k, v in fim.items() if k.startswith(("split_", "syntax_fallback", "context_"))},
     )
-    lines += _section("repository packing", st.get("packing", {}))
-    lines += _section("tokens", st.get("tokens", {}))
+    rows = manifest.get("stats", {}).get("rows", {})
+    if rows:
+        lines += _section(
+            "rows with FIM (a whole prefix/suffix/middle in the row; broken: sentinels without)",
+            {"fim": rows.get("fim", 0), "fim_broken": rows.get("fim_broken", 0)},
+            rows.get("rows", 0),
+        )
+        per_million = 1e6 * rows.get("fim_examples", 0) / max(manifest.get("num_tokens", 0), 1)
+        lines.append(
+            f"  whole FIM examples: {rows.get('fim_examples', 0):,} "
+            f"({per_million:,.0f} per million tokens)"
+        )
     return lines
 
 
