@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow bench lint format model model-card clean
+.PHONY: demo test test-slow bench lint format model model-card toolchains clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+# Compilers and runtimes of BabelCode's eight languages (as root; installs only what is missing).
+toolchains:
+	bash scripts/install_toolchains.sh
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow
