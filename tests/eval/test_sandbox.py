@@ -561,8 +561,12 @@ def test_sockets_and_fifos_in_the_bound_trees_are_covered(host):
                 "import os, stat\n"
                 f"for p in ({sock_path!r}, {fifo_path!r}):\n"
                 "    print(p, stat.S_ISCHR(os.stat(p).st_mode))\n"
-                f"fd = os.open({fifo_path!r}, os.O_WRONLY | os.O_NONBLOCK)\n"
-                "os.write(fd, b'escaped')\n"
+                "try:  # the cover is /dev/null; under a nodev mount opening it is refused\n"
+                f"    fd = os.open({fifo_path!r}, os.O_WRONLY | os.O_NONBLOCK)\n"
+                "except PermissionError:\n"
+                "    print('refused')\n"
+                "else:\n"
+                "    os.write(fd, b'escaped')\n"
             )
             r = sb.run(program)
         assert r.completed, r
