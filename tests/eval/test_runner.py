@@ -322,7 +322,12 @@ def test_every_kth_task_is_a_recorded_deterministic_subset(tmp_path):
 def test_task_sets_carry_their_defaults_and_runs_record_them(tmp_path):
     from codegemma.eval.tasks import TASKSETS
 
-    assert {name: s.max_new_tokens for name, s in TASKSETS.items()} == {
+    bc_sets = {name: s for name, s in TASKSETS.items() if name.startswith("bc-")}
+    assert len(bc_sets) == 16 and {s.max_new_tokens for s in bc_sets.values()} == {512}
+    assert (bc_sets["bc-humaneval-java"].timeout_s, bc_sets["bc-mbpp-cpp"].timeout_s) == (15, 10)
+    assert TASKSETS["mbpp"].timeout_s == 10.0
+    others = {name: s for name, s in TASKSETS.items() if name not in bc_sets}
+    assert {name: s.max_new_tokens for name, s in others.items()} == {
         "humaneval": 512,
         "humaneval-single-line": 128,
         "humaneval-multi-line": 128,

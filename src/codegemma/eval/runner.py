@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from codegemma.errors import EvalError, UsageError
-from codegemma.eval.execution import execute_many, outcome_label
+from codegemma.eval.execution import babelcode_sandbox, execute_many, outcome_label
 from codegemma.eval.passk import pass_at_k_table
 from codegemma.eval.sandbox import Limits, Sandbox
-from codegemma.eval.tasks import Task, get_taskset, load_taskset
+from codegemma.eval.tasks import Task, get_taskset, is_babelcode, load_taskset
+from codegemma.eval.tasks import babelcode as bc
 from codegemma.fileio import write_text_atomic
 from codegemma.middle import cut_at_stops, first_line
 
@@ -112,9 +113,12 @@ class RunConfig:
     batch_size: int = 8
     timeout_s: float | None = None  # None: the task set's (TaskSet.timeout_s)
     workers: int | None = None
+    with_examples: bool = False  # BabelCode: the test cases as docstring examples in the prompt
 
     def __post_init__(self) -> None:
         taskset = get_taskset(self.taskset)
+        if self.with_examples and not is_babelcode(self.taskset):
+            raise UsageError("--with-examples applies to the BabelCode task sets (bc-*) only")
         if self.max_new_tokens is None:
             object.__setattr__(self, "max_new_tokens", taskset.max_new_tokens)
         if self.timeout_s is None:
@@ -150,7 +154,10 @@ class RunConfig:
             "limit",
             "every",
         )
-        return {k: getattr(self, k) for k in keys}
+        identity = {k: getattr(self, k) for k in keys}
+        if self.with_examples:  # absent when off: runs stored before the option still resume
+            identity["with_examples"] = True
+        return identity
 
 
 class SampleKey(NamedTuple):
@@ -193,7 +200,10 @@ class _Rows:
 def stop_output(task: Task, text: str) -> str:
     """The completion scored for a task, from any generator's raw output: HumanEval stops at its
     stop strings, MBPP at [DONE] (stripped, one newline), single-line infilling keeps the first
-    line and its newline (the suffix starts the next line), other infilling keeps it all."""
+    line and its newline (the suffix starts the next line), other infilling keeps it all;
+    BabelCode cuts at the language's stop words and closes what the prompt opened."""
+    if task.kind == "babelcode":
+        return bc.postprocess(task.language, text)
     if task.kind == "humaneval":
         return cut_at_stops(text, HUMANEVAL_STOP)
     if task.kind == "mbpp":
@@ -245,7 +255,7 @@ def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> 
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
     )
     out: list[str | None] = [None] * len(batch)
-    for kind in ("infilling", "humaneval", "mbpp"):
+    for kind in ("infilling", "humaneval", "mbpp", "babelcode"):
         idx = [i for i, (t, _) in enumerate(batch) if t.kind == kind]
         if not idx:
             continue
@@ -255,6 +265,9 @@ def _generate(batch, generator: Generator, cfg: RunConfig, seed: int | None) -> 
             single = all(t.task_id.startswith(SINGLE_LINE) for t in tasks)
             pairs = [(t.prompt, t.suffix) for t in tasks]
             texts = generator.infill(pairs, stop=("\n",) if single else (), **opts)
+        elif kind == "babelcode":  # one language per task set
+            prompts = [t.prompt(with_examples=cfg.with_examples) for t in tasks]
+            texts = generator.generate(prompts, stop=tasks[0].spec.stop_words, **opts)
         else:
             stop = HUMANEVAL_STOP if kind == "humaneval" else MBPP_STOP
             texts = generator.generate([t.prompt for t in tasks], stop=stop, **opts)
@@ -273,6 +286,7 @@ def execute_samples(
     timeout_s: float = 3.0,
     workers: int | None = None,
     progress: bool = True,
+    with_examples: bool = False,
 ) -> dict[SampleKey, dict]:
     """Execute every sample not yet in results.jsonl with the same completion; returns the
     results of exactly these samples."""
@@ -286,14 +300,28 @@ def execute_samples(
     ]
     if jobs:
         with (
-            Sandbox(Limits(timeout_s=timeout_s)) as sandbox,
+            _sandbox_for(tasks, timeout_s) as sandbox,
             _progress(len(jobs), "execute", progress) as bar,
         ):
-            for r in execute_many(jobs, sandbox=sandbox, workers=workers):
+            runs = execute_many(jobs, sandbox=sandbox, workers=workers, with_examples=with_examples)
+            for r in runs:
                 key = SampleKey(r.task_id, r.sample_idx)
                 results.append([dict(r.to_row(), completion_sha1=wanted[key])])
                 bar.update(1)
     return {key: results.rows[key] for key in wanted}
+
+
+def _sandbox_for(tasks: Sequence[Task], timeout_s: float) -> Sandbox:
+    """BabelCode problems need their language's toolchain bound and limits; others the default."""
+    if tasks and tasks[0].kind == "babelcode":
+        return babelcode_sandbox(tasks[0].language, timeout_s)
+    return Sandbox(Limits(timeout_s=timeout_s))
+
+
+def require_toolchain(taskset: str) -> None:
+    """A BabelCode set's compiler or runtime missing is an EvalError now, never a 0% score."""
+    if is_babelcode(taskset):
+        bc.require_toolchains([get_taskset(taskset).language])
 
 
 def _sha(text: str) -> str:
@@ -336,11 +364,18 @@ def run_eval(
 ) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    require_toolchain(cfg.taskset)
     _check_resume(out / "run.json", cfg)
     tasks = load_taskset(cfg.taskset, cfg.data, cfg.limit)[:: cfg.every]
     samples = generate_samples(tasks, generator, cfg, out, progress=progress)
     results = execute_samples(
-        tasks, samples.rows, out, timeout_s=cfg.timeout_s, workers=cfg.workers, progress=progress
+        tasks,
+        samples.rows,
+        out,
+        timeout_s=cfg.timeout_s,
+        workers=cfg.workers,
+        progress=progress,
+        with_examples=cfg.with_examples,
     )
     summary = summarize(
         tasks,
@@ -352,6 +387,7 @@ def run_eval(
             "model": cfg.model,
             "max_new_tokens": cfg.max_new_tokens,
             "timeout_s": cfg.timeout_s,
+            **({"with_examples": True} if cfg.with_examples else {}),
             "config": asdict(cfg),
         },
     )
@@ -409,9 +445,12 @@ def score_samples(
     timeout_s: float | None = None,
     workers: int | None = None,
     progress: bool = True,
+    with_examples: bool = False,
 ) -> dict:
-    """Score anyone's samples; `timeout_s` defaults to the task set's."""
+    """Score anyone's samples; `timeout_s` defaults to the task set's. BabelCode completions are
+    what follows `prompt(with_examples=...)`, already post-processed."""
     timeout_s = get_taskset(taskset).timeout_s if timeout_s is None else timeout_s
+    require_toolchain(taskset)
     tasks = load_taskset(taskset, data, limit)
     samples = read_samples(samples_path)
     known = {t.task_id for t in tasks}
@@ -423,9 +462,17 @@ def score_samples(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = execute_samples(
-        tasks, samples, out, timeout_s=timeout_s, workers=workers, progress=progress
+        tasks,
+        samples,
+        out,
+        timeout_s=timeout_s,
+        workers=workers,
+        progress=progress,
+        with_examples=with_examples,
     )
     extra = {"taskset": taskset, "model": str(samples_path), "timeout_s": timeout_s}
+    if with_examples:
+        extra["with_examples"] = True
     summary = summarize(tasks, results, {}, ks=ks, extra=extra)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -81,7 +81,8 @@ def host_tag(pid: int | None = None) -> str:
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     timeout_s: float = 3.0  # wall clock
-    memory_bytes: int = 1 << 30  # address space
+    memory_bytes: int | None = 1 << 30  # address space; None: unlimited (then bound data_bytes)
+    data_bytes: int | None = None  # RLIMIT_DATA, for runtimes that reserve huge address ranges
     max_processes: int = 32
     max_file_bytes: int = 16 << 20
     max_open_files: int = 64
@@ -91,8 +92,10 @@ class Limits:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("memory_bytes", "data_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
         for name in (
-            "memory_bytes",
             "max_processes",
             "max_file_bytes",
             "max_open_files",
@@ -332,13 +335,7 @@ class Sandbox:
                 check_uid=check_uid if self.use_uid else None,
                 tmpfs_bytes=lim.tmpfs_bytes,
                 env=scrubbed_env(),
-                limits=dict(
-                    cpu_s=lim.cpu_s,
-                    memory_bytes=lim.memory_bytes,
-                    max_file_bytes=lim.max_file_bytes,
-                    max_open_files=lim.max_open_files,
-                    max_processes=self._nproc(lim),
-                ),
+                limits=self._limits_payload(lim),
             )
             # Only the checker reads this, after the program's process exists: never in its memory.
             secret = dict(
@@ -353,6 +350,55 @@ class Sandbox:
             return self._run_exec(payload, secret, lim, (uid, check_uid))
         finally:
             self._slots.put((uid, check_uid))
+
+    def run_commands(
+        self,
+        files: dict[str, str],
+        commands: Sequence[tuple[Sequence[str], float]],
+        *,
+        env: dict[str, str] | None = None,
+        exec_only: Sequence[str] = (),
+        limits: Limits | None = None,
+    ) -> CommandsResult:
+        """Write `files` into the run's working directory and run `commands` (absolute argv,
+        timeout seconds) there in order, each in its own confined process, stopping at the first
+        that exits non-zero. `env` adds to the scrubbed environment (`{home}` in a value is the
+        run's private home directory). With a compile step, the sources are deleted and the
+        `exec_only` binaries made unreadable before the last command runs."""
+        lim = limits or self.limits
+        total = sum(t for _, t in commands) + 2.0  # the checker enforces each command's own
+        wall = Limits(**{**lim.__dict__, "timeout_s": total})
+        uid, check_uid = self._slots.get()
+        try:
+            payload = dict(
+                program="",
+                files=dict(files),
+                commands=[dict(argv=list(a), timeout_s=float(t)) for a, t in commands],
+                exec_only=list(exec_only),
+                run_env=dict(env or {}),
+                uid=uid if self.use_uid else None,
+                check_uid=check_uid if self.use_uid else None,
+                tmpfs_bytes=lim.tmpfs_bytes,
+                env=scrubbed_env(),
+                limits=self._limits_payload(lim),
+            )
+            secret = dict(token="", check="", call=None, entry_point=None)
+            zygote = self._get_zygote()
+            if zygote is not None:
+                return self._run_forked(zygote, payload, secret, wall, parse=_commands_result)
+            return self._run_exec(payload, secret, wall, (uid, check_uid), parse=_commands_result)
+        finally:
+            self._slots.put((uid, check_uid))
+
+    def _limits_payload(self, lim: Limits) -> dict:
+        return dict(
+            cpu_s=lim.cpu_s,
+            memory_bytes=lim.memory_bytes,
+            data_bytes=lim.data_bytes,
+            max_file_bytes=lim.max_file_bytes,
+            max_open_files=lim.max_open_files,
+            max_processes=self._nproc(lim),
+        )
 
     def _get_zygote(self) -> _Zygote | None:
         if not self.use_namespaces:
@@ -369,9 +415,7 @@ class Sandbox:
             return self._zygote
 
     # -- a run forked by the zygote (namespaces) --------------------------------------------
-    def _run_forked(
-        self, zygote: _Zygote, payload: dict, secret: dict, lim: Limits
-    ) -> SandboxResult:
+    def _run_forked(self, zygote: _Zygote, payload: dict, secret: dict, lim: Limits, parse=None):
         pipes = [os.pipe() for _ in range(3)]
         secret_r, secret_w = os.pipe()
         start = time.monotonic()
@@ -407,12 +451,13 @@ class Sandbox:
             zygote.done(rid)
             for r, _ in pipes:
                 os.close(r)
-        return _result(out, state["code"], secret["token"], time.monotonic() - start, 0)
+        parse = parse or functools.partial(_result, token=secret["token"])
+        return parse(out, state["code"], duration=time.monotonic() - start, killed=0)
 
     # -- a run in a fresh process (no namespaces) -------------------------------------------
     def _run_exec(
-        self, payload: dict, secret: dict, lim: Limits, uids: tuple[int, int]
-    ) -> SandboxResult:
+        self, payload: dict, secret: dict, lim: Limits, uids: tuple[int, int], parse=None
+    ):
         hostdir = tempfile.mkdtemp(prefix=f"codegemma-sandbox-{host_tag()}")
         marker = host_tag() + secrets.token_hex(8)
         read_fd, write_fd = os.pipe()
@@ -445,7 +490,8 @@ class Sandbox:
             killed = self._kill_leftovers(proc, marker, uids)
             proc.stdout.close()
             proc.stderr.close()
-            return _result(out, proc.returncode, secret["token"], duration, killed)
+            parse = parse or functools.partial(_result, token=secret["token"])
+            return parse(out, proc.returncode, duration=duration, killed=killed)
         finally:
             for fd in (write_fd, secret_r, secret_w):
                 if fd >= 0:
@@ -580,7 +626,7 @@ def _collect(fds: list[int], poll, kill, lim: Limits, start: float) -> Collected
 
 
 def _result(
-    out: Collected, returncode: int | None, token: str, duration: float, killed: int
+    out: Collected, returncode: int | None, *, token: str, duration: float, killed: int
 ) -> SandboxResult:
     """The checker's lines: `iso ...`, then `passed TOKEN`, `error Type: msg` or `exit CODE`."""
     lines = out.result.decode("utf-8", "replace").splitlines()
@@ -604,6 +650,50 @@ def _result(
         output_overflow=out.overflow,
         duration_s=duration,
         isolation=iso,
+        leftovers_killed=killed,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandsResult:
+    """A `run_commands` run: how its commands ended, the last one's output."""
+
+    exit_codes: tuple[int | None, ...]  # per command started; None: it outlived its timeout
+    reported: bool  # the checker ran to its end (else the run was killed: never a pass)
+    stdout: str  # the last command's (earlier commands write theirs to stderr); capped tail
+    stderr: str
+    timed_out: bool  # a command, or the whole run, outlived its time
+    output_overflow: bool
+    duration_s: float
+    isolation: Isolation
+    leftovers_killed: int
+
+    @property
+    def returncode(self) -> int | None:
+        """The last started command's exit code (None when none ran or it timed out)."""
+        return self.exit_codes[-1] if self.exit_codes else None
+
+
+def _commands_result(
+    out: Collected, returncode: int | None, *, duration: float, killed: int
+) -> CommandsResult:
+    """The checker's lines: `iso ...`, then `cmd I exit CODE` or `cmd I timeout` per command."""
+    lines = out.result.decode("utf-8", "replace").splitlines()
+    has_iso = bool(lines) and lines[0].startswith("iso ")
+    codes: list[int | None] = []
+    for line in lines[1:] if has_iso else lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "cmd":
+            codes.append(int(parts[3]) if parts[2] == "exit" else None)
+    return CommandsResult(
+        exit_codes=tuple(codes),
+        stdout=out.stdout.decode("utf-8", "replace"),
+        stderr=out.stderr.decode("utf-8", "replace"),
+        timed_out=out.timed_out or None in codes,
+        reported=returncode == 0,
+        output_overflow=out.overflow,
+        duration_s=duration,
+        isolation=Isolation.parse(lines[0]) if has_iso else Isolation(),
         leftovers_killed=killed,
     )
 

@@ -1,7 +1,7 @@
 """Task sets: HumanEval, its infilling variants, MBPP — one `Task` record for all of them.
 
 A task is scored by running `prompt + completion + suffix` (the untrusted program) and then
-`test` (trusted), then `check(entry_point)`; MBPP programs are `setup + completion` followed by
+`test` (trusted), then `check(entry_point)`; MBPP programs are `completion + setup` followed by
 the asserts (see execution.build_program).
 
     from codegemma.eval.tasks import load_taskset
@@ -34,7 +34,7 @@ class Task:
     test: str
     entry_point: str  # MBPP: the function the asserts call (they name it themselves)
     kind: str
-    setup: str = ""  # MBPP's test_setup_code: runs before the completion, in its namespace
+    setup: str = ""  # MBPP's test_setup_code: runs after the completion, in its namespace
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -79,6 +79,7 @@ class TaskSet:
     load: Callable  # (data, limit) -> list[Task]
     max_new_tokens: int
     timeout_s: float = 3.0
+    language: str = "python"  # a BabelCode set's language: its toolchain, stop words, sandbox
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or not self.timeout_s > 0:
@@ -90,6 +91,9 @@ def _sets(*sets: TaskSet) -> dict[str, TaskSet]:
 
 
 INFILL_TOKENS, PROGRAM_TOKENS = 128, 512
+# MBPP's slowest canonical solution (task 123, amicable numbers below 10000) takes seconds of CPU:
+# BabelCode's per-program limit, which every test-split canonical solution passes with margin.
+MBPP_TIMEOUT = 10.0
 TASKSETS: dict[str, TaskSet] = _sets(
     TaskSet(name="humaneval", load=_humaneval, max_new_tokens=PROGRAM_TOKENS),
     TaskSet(
@@ -106,13 +110,54 @@ TASKSETS: dict[str, TaskSet] = _sets(
         load=_infilling("random-span-light"),
         max_new_tokens=INFILL_TOKENS,
     ),
-    TaskSet(name="mbpp", load=_mbpp(3, sanitized=False), max_new_tokens=PROGRAM_TOKENS),
-    TaskSet(name="mbpp-0shot", load=_mbpp(0, sanitized=False), max_new_tokens=PROGRAM_TOKENS),
-    TaskSet(name="mbpp-sanitized", load=_mbpp(3, sanitized=True), max_new_tokens=PROGRAM_TOKENS),
     TaskSet(
-        name="mbpp-sanitized-0shot", load=_mbpp(0, sanitized=True), max_new_tokens=PROGRAM_TOKENS
+        name="mbpp",
+        load=_mbpp(3, sanitized=False),
+        max_new_tokens=PROGRAM_TOKENS,
+        timeout_s=MBPP_TIMEOUT,
+    ),
+    TaskSet(
+        name="mbpp-0shot",
+        load=_mbpp(0, sanitized=False),
+        max_new_tokens=PROGRAM_TOKENS,
+        timeout_s=MBPP_TIMEOUT,
+    ),
+    TaskSet(
+        name="mbpp-sanitized",
+        load=_mbpp(3, sanitized=True),
+        max_new_tokens=PROGRAM_TOKENS,
+        timeout_s=MBPP_TIMEOUT,
+    ),
+    TaskSet(
+        name="mbpp-sanitized-0shot",
+        load=_mbpp(0, sanitized=True),
+        max_new_tokens=PROGRAM_TOKENS,
+        timeout_s=MBPP_TIMEOUT,
     ),
 )
+
+
+def _babelcode_sets() -> dict[str, TaskSet]:
+    """`bc-humaneval-<lang>` / `bc-mbpp-<lang>`: BabelCodeProblem lists (tasks/babelcode.py).
+    timeout_s is BabelCode's per-command limit for the language (each command gets it)."""
+    from codegemma.eval.tasks import babelcode as bc
+
+    specs = bc.language_specs()
+    return _sets(
+        *(
+            TaskSet(
+                name=name,
+                load=load,
+                max_new_tokens=PROGRAM_TOKENS,
+                timeout_s=max(specs[name.rsplit("-", 1)[1]].timeouts),
+                language=name.rsplit("-", 1)[1],
+            )
+            for name, load in bc.babelcode_tasksets().items()
+        )
+    )
+
+
+TASKSETS.update(_babelcode_sets())
 
 
 def get_taskset(name: str) -> TaskSet:
@@ -133,6 +178,10 @@ def load_taskset(
         raise EvalError(f"--limit must be a positive number of tasks, got {limit}")
     tasks = taskset.load(data, limit)
     return tasks[:limit] if limit is not None else tasks
+
+
+def is_babelcode(name: str) -> bool:
+    return name.startswith("bc-")
 
 
 def task_to_row(task: Task) -> dict:

@@ -166,6 +166,8 @@ class BabelCodeProblem:
     language: str
     row: dict = field(repr=False, compare=False, hash=False)
 
+    kind = "babelcode"  # what the runner and execution dispatch on (Task.kind for the others)
+
     @property
     def qid(self) -> str:
         return self.row["qid"]
@@ -549,3 +551,126 @@ def _version(tool: str) -> str:
         return ""
     text = (p.stdout or p.stderr).strip()
     return text.splitlines()[0] if text else ""
+
+
+# -- sandboxed runs: toolchain paths, limits, result markers ------------------------------------
+
+# Directories every sandbox root binds already; a toolchain elsewhere is bound read-only.
+SYSTEM_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/etc/")
+# A JVM, Go, Node and Mono reserve far more address space than they use: RLIMIT_AS would stop
+# them starting, so they run under RLIMIT_DATA instead; their threads count as processes.
+RUNTIMES = ("csharp", "go", "java", "javascript", "kotlin")
+NATIVE = ("cpp", "go", "rust")  # binaries that run without being readable (made execute-only)
+RUN_ENV = {
+    "HOME": "{home}",
+    "TMPDIR": "{home}",
+    "XDG_CACHE_HOME": "{home}/.cache",
+    "GOCACHE": "{home}/.cache/go-build",
+    "GOPATH": "{home}/go",
+    "GO111MODULE": "off",
+    "DOTNET_EnableDiagnostics": "0",
+}
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What a sandbox needs to run one language: absolute commands, the host directories to bind
+    read-only, the extra environment, and the binaries to make execute-only."""
+
+    language: str
+    commands: tuple[tuple[str, ...], ...]
+    read_only: tuple[str, ...]
+    env: dict = field(hash=False, compare=False)
+    exec_only: tuple[str, ...]
+
+
+def sandbox_toolchain(language: str, stem: str = "main") -> Toolchain:
+    """The language's commands with every tool as an absolute path that exists inside the
+    sandbox's root (Python: the harness's own interpreter; rustup's proxy: the toolchain's rustc),
+    and the directories outside the system trees those tools live in."""
+    require_toolchains([language])
+    spec = language_spec(language)
+    tools: dict[str, str] = {}
+    read_only: list[str] = []
+    for tool in spec.tools:
+        path, root = _resolve_tool(tool)
+        tools[tool] = path
+        if root:
+            read_only.append(root)
+    commands = tuple(
+        (tools.get(c.argv[0], c.argv[0]), *c.argv[1:]) for c in spec.commands_for(stem)
+    )
+    binaries = {c[0][2:] for c in commands if c[0].startswith("./")}
+    return Toolchain(
+        language=language,
+        commands=commands,
+        read_only=tuple(dict.fromkeys(read_only)),
+        env=dict(RUN_ENV),
+        exec_only=tuple(sorted(binaries)) if language in NATIVE else (),
+    )
+
+
+def _resolve_tool(tool: str) -> tuple[str, str]:
+    """(absolute path to run, host directory to bind or "")."""
+    import sys
+
+    if tool == "python":
+        return os.path.realpath(sys.executable), ""  # the sandbox binds its interpreter already
+    found = shutil.which(tool)
+    real = os.path.realpath(found)
+    if os.path.basename(real) == "rustup":  # a proxy: run the toolchain's compiler itself
+        sysroot = subprocess.run(
+            [found, "--print", "sysroot"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        return os.path.join(sysroot, "bin", tool), sysroot
+    if real.startswith(SYSTEM_PREFIXES):
+        return found if found.startswith(SYSTEM_PREFIXES) else real, ""
+    root = os.path.dirname(os.path.dirname(real))  # <root>/bin/<tool>
+    return real, root
+
+
+def sandbox_limits(language: str, timeout_s: float):
+    """Per-language sandbox limits (see docs/eval.md): runtimes get RLIMIT_DATA instead of an
+    address-space limit, and room for their threads and open files."""
+    from codegemma.eval.sandbox import Limits
+
+    runtime = language in RUNTIMES
+    return Limits(
+        timeout_s=timeout_s,
+        memory_bytes=None if runtime else 2 << 30,
+        data_bytes=4 << 30 if runtime else None,
+        max_processes=512,
+        max_open_files=1024,
+        max_file_bytes=128 << 20,
+        max_output_bytes=256 << 10,
+        tmpfs_bytes=512 << 20,
+    )
+
+
+def tag_markers(test_code: str, nonce: str) -> str:
+    """The test code with every `TEST-` result marker made `TEST-<nonce>-`: done before the
+    completion is put in, so the completion's own text never carries the nonce."""
+    return test_code.replace("TEST-", f"TEST-{nonce}-")
+
+
+def untag_output(stdout: str, nonce: str) -> str:
+    """Only the tagged markers, as plain `TEST-<id>...` lines; any other line that looks like a
+    marker (the program printing its own) is dropped."""
+    tag = f"TEST-{nonce}-"
+    lines = []
+    for line in stdout.splitlines():
+        if line.startswith(tag):
+            lines.append("TEST-" + line[len(tag) :])
+        elif "TEST-" not in line:
+            lines.append(line)
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def sandboxed_program(problem: BabelCodeProblem, code: str, nonce: str) -> str:
+    """`assemble` with the markers tagged by `nonce` before the code is put in."""
+    tagged = BabelCodeProblem(
+        dataset=problem.dataset,
+        language=problem.language,
+        row=dict(problem.row, test_code=tag_markers(problem.test_code, nonce)),
+    )
+    return assemble(tagged, code)

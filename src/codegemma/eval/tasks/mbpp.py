@@ -1,6 +1,7 @@
 """MBPP (Austin et al. 2021) from the official files, with Google's 3-shot prompt or 0-shot.
 
-Data is not shipped: pass `--data PATH` or set CODEGEMMA_MBPP. Accepted: the official `mbpp.jsonl`
+The official `mbpp.jsonl` (974 rows, CC BY 4.0) ships in data/mbpp/ and is the default; `--data
+PATH` or CODEGEMMA_MBPP picks another file. Accepted: the official `mbpp.jsonl`
 (fields text, code, task_id, test_setup_code, test_list, challenge_test_list) and the sanitized
 `sanitized-mbpp.json` (a JSON list with prompt, code, task_id, test_imports, test_list).
 Split: test tasks 11-510 (those present in the file); shots are tasks 2, 3, 4.
@@ -14,8 +15,9 @@ Prompt (the format of the MBPP paper and bigcode-evaluation-harness), per exampl
     [DONE]
 
 The query is the same block ending after "[BEGIN]\\n"; generation stops at "[DONE]". The scored
-program is test_setup_code, then the completion, then the asserts of test_list
-(challenge_test_list is not used, as in the published practice).
+program is the completion, then test_setup_code (tasks 367 and 927 build their inputs from a class
+the solution defines), then the asserts of test_list (challenge_test_list is not used, as in the
+published practice). The sanitized file is not bundled: pass it with --data.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from codegemma.errors import EvalError
 from codegemma.eval.tasks import Task
 
 ENV_VAR = "CODEGEMMA_MBPP"
+BUNDLED = Path(__file__).parent / "data" / "mbpp" / "mbpp.jsonl"
 SHOT_IDS = (2, 3, 4)
 TEST_IDS = range(11, 511)
 STOP = ("[DONE]",)
@@ -39,10 +42,13 @@ WHERE = (
 )
 
 
-def resolve_path(data: str | os.PathLike | None) -> Path:
+def resolve_path(data: str | os.PathLike | None, *, sanitized: bool = False) -> Path:
+    """`data`, else $CODEGEMMA_MBPP, else the bundled mbpp.jsonl (not for the sanitized sets)."""
     raw = data or os.environ.get(ENV_VAR)
+    if not raw and not sanitized:
+        return BUNDLED
     if not raw:
-        raise FileNotFoundError(f"MBPP data is not bundled: {WHERE}")
+        raise FileNotFoundError(f"sanitized-mbpp.json is not bundled: {WHERE}")
     path = Path(raw).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"MBPP file {path} not found: {WHERE}")
@@ -114,7 +120,7 @@ def load_mbpp(
 ) -> list[Task]:
     if shots not in (0, 3):
         raise ValueError(f"MBPP prompts are 0-shot or 3-shot, got shots={shots}")
-    path = resolve_path(data)
+    path = resolve_path(data, sanitized=sanitized)
     rows = {r["task_id"]: r for r in read_rows(path)}
     examples = []
     if shots:
@@ -129,15 +135,17 @@ def load_mbpp(
     if not test_rows:
         raise EvalError(f"{path} has no task in the MBPP test split (ids 11-510)")
     name = "mbpp-sanitized" if sanitized else "mbpp"
-    return [
-        Task(
-            task_id=f"{name}/{r['task_id']}",
-            prompt=build_prompt(r, examples),
-            canonical_solution=r["code"],
-            test="\n".join(r["tests"]) + "\n",
-            setup=r["setup"],
-            entry_point=entry_point(r),
-            kind="mbpp",
-        )
-        for r in test_rows
-    ]
+    return [make_task(r, examples, name) for r in test_rows]
+
+
+def make_task(row: dict, examples: list[dict], name: str = "mbpp") -> Task:
+    """The Task of one normalized row (read_rows), with `examples` as its shots."""
+    return Task(
+        task_id=f"{name}/{row['task_id']}",
+        prompt=build_prompt(row, examples),
+        canonical_solution=row["code"],
+        test="\n".join(row["tests"]) + "\n",
+        setup=row["setup"],
+        entry_point=entry_point(row),
+        kind="mbpp",
+    )
