@@ -41,6 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="seconds per program (default: the task set's, 3)",
     )
     p.add_argument("--workers", type=int, default=None, help="parallel programs (default: CPUs)")
+    p.add_argument(
+        "--with-examples",
+        action="store_true",
+        help="BabelCode: show the test cases as examples in the prompt (off, as in the card; "
+        "recorded in results when on)",
+    )
     p.add_argument("--out", default=None, help="output directory (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -81,6 +87,9 @@ def register(subparsers) -> None:
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("doctor", help="each BabelCode language's toolchain: found, version, fix")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("export", help="write a task set as human-eval(-infilling) JSONL")
     p.add_argument("taskset", choices=list(TASKSETS), metavar="TASKSET")
     p.add_argument("out", help="output .jsonl path")
@@ -113,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         timeout_s=args.timeout,
         workers=args.workers,
+        with_examples=args.with_examples,
     )
     out = args.out or f"eval-runs/{args.taskset}-{_slug(model_name)}"
     cg = codegemma.load(args.model, **load_options(args), max_batch_size=args.batch_size)
@@ -136,9 +146,26 @@ def cmd_score(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         workers=args.workers,
         progress=not args.quiet,
+        with_examples=args.with_examples,
     )
     _print(summary, out)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """A line per language: its tools and version, or what is missing and how to install it;
+    exit code 1 when anything is missing."""
+    from codegemma.eval.tasks.babelcode import toolchain_status
+
+    statuses = toolchain_status()
+    for s in statuses:
+        if s.missing:
+            print(
+                f"{s.language:<11} missing {', '.join(s.missing)}: {s.install} (or make toolchains)"
+            )
+        else:
+            print(f"{s.language:<11} ok       {' '.join(s.tools)}: {s.version}")
+    return 1 if any(s.missing for s in statuses) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,9 +1,13 @@
 """A markdown table of our runs next to the published CodeGemma numbers.
 
-Published figures are copied from shared/reference/codegemma-facts.md, which quotes the CodeGemma
-model card and technical report (arXiv 2406.11409). Their timing column is total seconds for
-128-token continuations with HF transformers, bf16, batch 1, on one L4 GPU; ours is the measured
-generation time of the run (its batch size, device and max_new_tokens are in its summary).
+Published figures are the CodeGemma model card's and technical report's (arXiv 2406.11409). Their
+timing column is total seconds for 128-token continuations with HF transformers, bf16, batch 1, on
+one L4 GPU; ours is the measured generation time of the run (its batch size, device and
+max_new_tokens are in its summary). A run that covered only part of its task set (`--limit`,
+`--every`) shows how many tasks it covered beside its score, never a bare percentage.
+
+BabelCode runs (`bc-humaneval-<lang>`, `bc-mbpp-<lang>`) get a table of their own in the card's
+layout: a row per set and language, our runs beside the published 2B / 7B / 7B-IT pass@1.
 
     codegemma eval report runs/single-line runs/multi-line > table.md
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from codegemma.errors import EvalError
 
 SOURCE = "CodeGemma model card / technical report (arXiv 2406.11409)"
 # Infilling pass@1 (%) and seconds for 128-token continuations (single-line, multi-line).
@@ -32,6 +38,30 @@ PUBLISHED_GENERATION = {
     "CodeGemma 7B": (44.5, 56.2),
     "CodeGemma 7B-IT": (56.1, 54.2),
 }
+# BabelCode pass@1 (%), (2B, 7B, 7B-IT), by language: BC HumanEval and BC MBPP.
+BABELCODE_MODELS = ("CodeGemma 2B", "CodeGemma 7B", "CodeGemma 7B-IT")
+PUBLISHED_BABELCODE = {
+    "humaneval": {
+        "cpp": (24.2, 32.9, 42.2),
+        "csharp": (10.6, 22.4, 26.7),
+        "go": (20.5, 21.7, 28.6),
+        "java": (29.2, 41.0, 48.4),
+        "javascript": (21.7, 39.8, 46.0),
+        "kotlin": (28.0, 39.8, 51.6),
+        "python": (21.7, 42.2, 48.4),
+        "rust": (26.7, 34.1, 36.0),
+    },
+    "mbpp": {
+        "cpp": (47.1, 53.8, 56.7),
+        "csharp": (28.7, 32.5, 41.2),
+        "go": (45.6, 43.3, 46.2),
+        "java": (41.8, 50.3, 57.3),
+        "javascript": (45.3, 58.2, 61.4),
+        "kotlin": (46.8, 54.7, 59.9),
+        "python": (38.6, 59.1, 62.0),
+        "rust": (45.3, 52.9, 53.5),
+    },
+}
 COLUMNS = {  # task set -> (published value, published seconds) for one model's row
     "humaneval-single-line": lambda m: _inf(m, 0, 2),
     "humaneval-multi-line": lambda m: _inf(m, 1, 3),
@@ -48,7 +78,7 @@ def _inf(model: str, value: int, seconds: int) -> tuple[float | None, float | No
 def load_summary(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished `codegemma eval run`?")
+        raise EvalError(f"{path} not found: is {run_dir} a finished `codegemma eval run`?")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -60,9 +90,46 @@ def _secs(v: float | None) -> str:
     return "—" if v is None else f"{v:,.0f}"
 
 
+def _score(s: dict) -> str:
+    """pass@1 of a run, with the share of its task set it covered when that is not all of it."""
+    p1 = s["pass_at_k"].get("pass@1")
+    text = _pct(None if p1 is None else 100 * p1)
+    size = s.get("set_size")
+    if size and s["num_tasks"] < size:
+        text += f" ({s['num_tasks']} of {size} tasks)"
+    return text
+
+
 def render(summaries: list[dict]) -> str:
     if not summaries:
-        raise ValueError("no runs to report: pass one or more run directories")
+        raise EvalError("no runs to report", fix="pass one or more run directories")
+    babel = [s for s in summaries if s["taskset"].startswith("bc-")]
+    others = [s for s in summaries if not s["taskset"].startswith("bc-")]
+    parts = [render_babelcode(babel)] if babel else []
+    if others:
+        parts.insert(0, _render_table(others))
+    return "\n\n".join(parts) + "\n\n" + _notes(summaries) + "\n"
+
+
+def render_babelcode(summaries: list[dict]) -> str:
+    """The card's BabelCode table: a row per (BC HE | BC MBPP, language), our runs' pass@1 (one
+    column per model) beside the published 2B / 7B / 7B-IT."""
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    runs = {(s["taskset"], s["model"]): s for s in summaries}
+    head = ["set", "language", *(f"{m} (ours)" for m in models)]
+    head += [f"{m} (published)" for m in BABELCODE_MODELS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dataset, label in (("humaneval", "BC HE"), ("mbpp", "BC MBPP")):
+        for lang, published in PUBLISHED_BABELCODE[dataset].items():
+            name = f"bc-{dataset}-{lang}"
+            ours = [_score(runs[name, m]) if (name, m) in runs else "—" for m in models]
+            lines.append(
+                "| " + " | ".join([label, lang, *ours, *(_pct(v) for v in published)]) + " |"
+            )
+    return "\n".join(lines)
+
+
+def _render_table(summaries: list[dict]) -> str:
     tasksets = list(dict.fromkeys(s["taskset"] for s in summaries))
     head = ["model"]
     for t in tasksets:
@@ -75,9 +142,8 @@ def render(summaries: list[dict]) -> str:
         cells = [f"{model} (ours)"]
         for t in tasksets:
             s = runs.get(t)
-            p1 = s["pass_at_k"].get("pass@1") if s else None
             cells += [
-                _pct(None if p1 is None else 100 * p1),
+                _score(s) if s else "—",
                 _secs(s.get("generation_seconds") or None) if s else "—",
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -89,7 +155,7 @@ def render(summaries: list[dict]) -> str:
             cells += [_pct(value), _secs(seconds)]
         if any_value:
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + _notes(summaries) + "\n"
+    return "\n".join(lines)
 
 
 def _notes(summaries: list[dict]) -> str:
@@ -113,6 +179,8 @@ def _notes(summaries: list[dict]) -> str:
         )
         if cfg.get("every", 1) > 1:
             how += f"; a subset: every {cfg['every']}th task of the set"
+        if s.get("set_size") and s["num_tasks"] < s["set_size"]:
+            how += f"; PARTIAL: {s['num_tasks']} of the set's {s['set_size']} tasks"
         notes.append(
             f"- {s['model']} on {s['taskset']}: {s['num_tasks']} tasks, "
             f"{s['samples_per_task']} sample(s)/task ({ks}); {how}; "

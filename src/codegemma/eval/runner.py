@@ -366,7 +366,8 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     require_toolchain(cfg.taskset)
     _check_resume(out / "run.json", cfg)
-    tasks = load_taskset(cfg.taskset, cfg.data, cfg.limit)[:: cfg.every]
+    first = load_taskset(cfg.taskset, cfg.data, cfg.limit)
+    tasks = first[:: cfg.every]
     samples = generate_samples(tasks, generator, cfg, out, progress=progress)
     results = execute_samples(
         tasks,
@@ -384,6 +385,7 @@ def run_eval(
         ks=cfg.ks,
         extra={
             "taskset": cfg.taskset,
+            "set_size": set_size(cfg.taskset, cfg.data, first, cfg.limit),
             "model": cfg.model,
             "max_new_tokens": cfg.max_new_tokens,
             "timeout_s": cfg.timeout_s,
@@ -434,6 +436,12 @@ def read_samples(path: str | os.PathLike) -> dict[SampleKey, dict]:
     return rows
 
 
+def set_size(taskset: str, data: str | None, loaded: Sequence[Task], limit: int | None) -> int:
+    """The number of tasks in the whole set: a run that covers fewer is partial, and the report
+    says so beside its score."""
+    return len(loaded) if limit is None else len(load_taskset(taskset, data))
+
+
 def score_samples(
     taskset: str,
     samples_path: str | os.PathLike,
@@ -470,7 +478,12 @@ def score_samples(
         progress=progress,
         with_examples=with_examples,
     )
-    extra = {"taskset": taskset, "model": str(samples_path), "timeout_s": timeout_s}
+    extra = {
+        "taskset": taskset,
+        "set_size": set_size(taskset, data, tasks, limit),
+        "model": str(samples_path),
+        "timeout_s": timeout_s,
+    }
     if with_examples:
         extra["with_examples"] = True
     summary = summarize(tasks, results, {}, ks=ks, extra=extra)
