@@ -78,7 +78,7 @@ def _inf(model: str, value: int, seconds: int) -> tuple[float | None, float | No
 def load_summary(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
-        raise EvalError(f"{path} not found: is {run_dir} a finished `codegemma eval run`?")
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished `codegemma eval run`?")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
