@@ -696,6 +696,22 @@ def _forward(op: str, reflected: bool = False):
     return lambda self, *args: self._cg_link.op(op, self, *args)
 
 
+BINARY_OPS = (
+    "divmod",
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "matmul",
+    "and",
+    "or",
+    "xor",
+    "lshift",
+    "rshift",
+)
 for _op in (
     "len",
     "bool",
@@ -726,38 +742,10 @@ for _op in (
     "delitem",
     "contains",
     "format",
-    "divmod",
-    "add",
-    "sub",
-    "mul",
-    "truediv",
-    "floordiv",
-    "mod",
-    "pow",
-    "matmul",
-    "and",
-    "or",
-    "xor",
-    "lshift",
-    "rshift",
 ):
     setattr(Remote, f"__{_op}__", _forward(_op))
-for _op in (
-    "divmod",
-    "add",
-    "sub",
-    "mul",
-    "truediv",
-    "floordiv",
-    "mod",
-    "pow",
-    "matmul",
-    "and",
-    "or",
-    "xor",
-    "lshift",
-    "rshift",
-):
+for _op in BINARY_OPS:  # both operand orders
+    setattr(Remote, f"__{_op}__", _forward(_op))
     setattr(Remote, f"__r{_op}__", _forward(_op, reflected=True))
 
 
