@@ -106,6 +106,26 @@ def test_kv_cache_incremental_equals_full_forward(kind):
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kind", SHAPES)
+def test_segments_of_a_packed_row_equal_their_own_forwards(kind):
+    """Training on packed rows: with segment ids and positions restarting per segment, each
+    segment's logits are those of the segment alone (the model sees nothing across)."""
+    ours, _ = pair(small_config(kind))
+    gen = torch.Generator().manual_seed(7)
+    lengths = [(7, 13, 4), (24,)]  # row 0 holds three segments, row 1 one
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=gen)
+    seg = torch.tensor([[i for i, n in enumerate(ls) for _ in range(n)] for ls in lengths])
+    pos = torch.cat([torch.arange(n) for n in lengths[0]]).expand(2, 24).clone()
+    pos[1] = torch.arange(24)
+    with torch.no_grad():
+        packed = ours(ids, pos, segment_ids=seg)
+        starts = [0, 7, 20, 24]
+        for a, b in zip(starts, starts[1:], strict=False):
+            alone = ours(ids[:1, a:b])
+            assert (packed[:1, a:b] - alone).abs().max().item() < 1e-4
+        assert (packed[1] - ours(ids[1:])[0]).abs().max().item() < 1e-4
+
+
 def test_rows_of_different_lengths_decode_independently():
     """Right-padded rows with their own positions give each row its unbatched logits."""
     ours, _ = pair(small_config("GQA"))

@@ -184,6 +184,15 @@ def cache_mask(input_pos: Tensor, rows: Tensor | slice) -> tuple[Tensor | None, 
     return mask, CacheIndex(rows, input_pos, hi + 1, None)
 
 
+def segment_mask(segment_ids: Tensor) -> Tensor:
+    """Attention of packed training rows: query i sees key j iff j <= i and both lie in the same
+    segment (one repository sample). segment_ids [B, T] -> bool mask [B, 1, T, T]."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -216,7 +225,7 @@ class Attention(nn.Module):
             k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(at, k, v)  # [B, Hkv, kv_len, D]
-        y = attend(q, k, v, mask, causal=cache is None or mask is None and T > 1)
+        y = attend(q, k, v, mask, causal=mask is None and (cache is None or T > 1))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -224,8 +233,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
     """softmax(q k^T / sqrt(D)) v for q [B, H, T, D] and k, v [B, Hkv, S, D] -> [B, H, T, D].
 
     Causal (prefill from position 0, training): SDPA's causal kernel over repeated kv heads.
-    Otherwise (decoding): the query heads sharing a kv head are folded into the query axis, so
-    MQA/GQA attend without copying the cache per head; `mask` [B, 1, T, S] (None = all visible)."""
+    Otherwise (decoding, or training on rows of several repositories): the query heads sharing a
+    kv head are folded into the query axis, so MQA/GQA attend without copying keys and values
+    per head; `mask` [B, 1, T, S] (None = all visible)."""
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
     if causal and T > 1:
@@ -324,12 +334,18 @@ class GemmaForCausalLM(nn.Module):
         cache: KVCache | None = None,
         rows: Tensor | slice | None = None,
         logits_index: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids [B, T]; input_pos [B, T] absolute positions (default 0..T-1);
         cache: a KVCache, written at (rows, input_pos); rows: cache rows, a [B] tensor of row ids
         or a slice of B contiguous rows (default slice(0, B));
-        logits_index [B] computes logits only at that time step per row -> [B, 1, vocab]."""
+        logits_index [B] computes logits only at that time step per row -> [B, 1, vocab];
+        segment_ids [B, T] (training on packed rows, no cache): a token attends only to the
+        tokens at or before it with its segment id (`segment_mask`); give input_pos restarting
+        at each segment's start (train/data.py derives both from the row's <bos> tokens)."""
         B, T = input_ids.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training without a KV cache")
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         if T == 1 and cache is not None and (step := self._decode_step(cache, B)):
@@ -339,6 +355,8 @@ class GemmaForCausalLM(nn.Module):
         mask, at = None, None
         if cache is not None:
             mask, at = cache_mask(input_pos, slice(0, B) if rows is None else rows)
+        elif segment_ids is not None:
+            mask = segment_mask(segment_ids)
         for i, layer in enumerate(self.model.layers):
             args = (cos, sin, mask, None if cache is None else cache.layers[i], at)
             if self.gradient_checkpointing and self.training:

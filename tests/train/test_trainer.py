@@ -283,9 +283,12 @@ def test_compiled_layers_train_like_eager(reference, tmp_path, shard_dir, tiny_t
     assert codegemma.load(ckpt.checkpoint_dir(run, 6) / ckpt.MODEL).config.vocab_size == 512
 
 
-def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shard_dir, tiny_model_dir):
+def test_continued_pretraining_starts_from_the_given_weights(
+    tmp_path, shard_dir, tiny_model_dir, tiny_tokenizer
+):
     """init_from a model dir (the way official weights are continued): its tokenizer is found
-    there, and step 1's loss is the loaded model's loss on the first batch."""
+    there, and step 1's loss is the loaded model's loss on the first batch (repository-masked,
+    the default)."""
     cfg = tiny_config(
         tmp_path / "cont",
         shard_dir,
@@ -299,10 +302,15 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shard_dir
     from codegemma.train.data import Loader, ShardSource
 
     loaded = codegemma.load(tiny_model_dir, device="cpu", dtype="float32").model
-    loader = Loader(ShardSource(shard_dir), seed=0, micro_batch_size=4)
+    bos = tiny_tokenizer.bos_id
+    loader = Loader(ShardSource(shard_dir), seed=0, micro_batch_size=4, bos_id=bos)
     batches = [loader.micro_batch(0, m) for m in range(2)]
+    assert all(b.segment_ids is not None for b in batches)  # the rows pack several samples
     with torch.no_grad():
-        total = sum(float(loss_sum(loaded(b.inputs), b.targets)) for b in batches)
+        total = sum(
+            float(loss_sum(loaded(b.inputs, b.positions, segment_ids=b.segment_ids), b.targets))
+            for b in batches
+        )
     first = train_records(tmp_path / "cont")[0]
     assert first["loss"] == pytest.approx(total / sum(b.loss_tokens for b in batches), rel=1e-5)
     assert (result.checkpoint / ckpt.MODEL / "tokenizer.json").is_file()

@@ -53,6 +53,12 @@ class TrainConfig:
     eval_data: str | None = _f("data", None, "held-out data in the same format as `data`")
     eval_holdout: int = _f("data", 0, "hold out the last N sequences of `data` for eval")
     seq_len: int | None = _f("data", None, "tokens per row (pretrain: the shards'; sft: required)")
+    repo_mask: bool = _f(
+        "data",
+        True,
+        "attend only within each repository sample of a row (a <bos> starts one; positions "
+        "restart there)",
+    )
     # -- batch ----------------------------------------------------------------------------
     micro_batch_size: int = _f("batch", 8, "rows per forward pass per process")
     grad_accum: int = _f("batch", 1, "micro-batches per optimizer step")

@@ -12,7 +12,14 @@ one optimizer step are laid out as [micro-step][rank][row]: rank r's micro-batch
 `base + (m * world + r) * B + j`, so each rank reads only its own slice, and one process with
 `grad_accum = A * world` sees exactly the same global batch as `world` processes with A.
 
-    loader = Loader(source, seed=0, micro_batch_size=8, world_size=2, rank=1)
+Repository masking (`bos_id` given, TrainConfig.repo_mask): a pretraining row holds
+`<bos> repository sample <eos>` runs back to back, so each `<bos>` starts a new segment. The
+batch then carries per-row segment ids and positions that restart at every segment, the model
+attends within segments only, and a target that is a `<bos>` is ignored (it would be predicted
+from the previous repository). A batch whose rows are each one segment carries neither, and the
+model runs its plain causal path: bit for bit what it computes without repository masking.
+
+    loader = Loader(source, seed=0, micro_batch_size=8, world_size=2, rank=1, bos_id=2)
     batch = loader.micro_batch(samples_seen=0, micro_step=0)   # .inputs, .targets [B, T-1]
 """
 
@@ -132,19 +139,42 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 class MicroBatch:
     inputs: Tensor  # [B, T-1] int64
     targets: Tensor  # [B, T-1] int64, IGNORE where no loss
+    # repository masking, only when some row holds several segments: [B, T-1] int64 each
+    segment_ids: Tensor | None = None
+    positions: Tensor | None = None
 
     @property
     def loss_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray | None]]) -> MicroBatch:
+def repository_segments(inputs: Tensor, bos_id: int) -> tuple[Tensor, Tensor]:
+    """(segment ids, positions), both [B, T], of packed rows `inputs` [B, T].
+
+    Every `<bos>` starts a new segment and position 0; tokens before a row's first `<bos>` (a
+    repository continued from the previous row) form segment 0, counted from the row's start."""
+    starts = inputs == bos_id
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    last_start = torch.where(starts, index, 0).cummax(dim=1).values
+    return starts.cumsum(dim=1), index - last_start
+
+
+def collate(
+    rows: list[tuple[np.ndarray, np.ndarray | None]], bos_id: int | None = None
+) -> MicroBatch:
+    """A micro-batch of rows; with `bos_id`, repository-masked (see the module docstring)."""
     ids = torch.from_numpy(np.stack([np.asarray(r, dtype=np.int64) for r, _ in rows]))
-    targets = ids[:, 1:].clone()
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].clone()
     for b, (_, mask) in enumerate(rows):
         if mask is not None:
             targets[b, ~torch.from_numpy(np.asarray(mask[1:], dtype=bool))] = IGNORE
-    return MicroBatch(inputs=ids[:, :-1].contiguous(), targets=targets)
+    if bos_id is None:
+        return MicroBatch(inputs=inputs, targets=targets)
+    targets[targets == bos_id] = IGNORE
+    if not bool((inputs[:, 1:] == bos_id).any()):  # every row is one segment: plain causal
+        return MicroBatch(inputs=inputs, targets=targets)
+    segment_ids, positions = repository_segments(inputs, bos_id)
+    return MicroBatch(inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions)
 
 
 class Loader:
@@ -158,6 +188,7 @@ class Loader:
         micro_batch_size: int,
         world_size: int = 1,
         rank: int = 0,
+        bos_id: int | None = None,
     ) -> None:
         if len(source) == 0:
             raise TrainDataError(
@@ -166,7 +197,7 @@ class Loader:
                 "(codegemma data prepare)",
             )
         self.source, self.seed, self.batch = source, seed, micro_batch_size
-        self.world_size, self.rank = world_size, rank
+        self.world_size, self.rank, self.bos_id = world_size, rank, bos_id
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def global_batch(self, grad_accum: int) -> int:
@@ -186,11 +217,17 @@ class Loader:
 
     def micro_batch(self, samples_seen: int, micro_step: int) -> MicroBatch:
         ks = self.sample_ids(samples_seen, micro_step)
-        return collate([self.source.row(self.sample_index(k)) for k in ks])
+        return collate([self.source.row(self.sample_index(k)) for k in ks], self.bos_id)
 
 
 def eval_batches(
-    source: RowSource, *, micro_batch_size: int, max_batches: int, world_size: int, rank: int
+    source: RowSource,
+    *,
+    micro_batch_size: int,
+    max_batches: int,
+    world_size: int,
+    rank: int,
+    bos_id: int | None = None,
 ) -> list[MicroBatch]:
     """The fixed held-out batches of this rank: the first rows of `source`, in order.
 
@@ -208,5 +245,5 @@ def eval_batches(
             else:
                 ids, _ = source.row(0)
                 rows.append((ids, np.zeros(len(ids), dtype=bool)))
-        out.append(collate(rows))
+        out.append(collate(rows, bos_id))
     return out

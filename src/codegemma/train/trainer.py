@@ -3,7 +3,8 @@
 `train(cfg)` builds everything from a TrainConfig, resumes from the newest checkpoint in
 `cfg.run_dir` that passes its checks (run_checkpoint.py) if there is one, and runs `max_steps`
 optimizer steps. One step: the step's micro-batches (this rank's slice of the global batch),
-forward under autocast (bf16 on GPU, fp32 on CPU; FSDP2 casts through its own policy),
+attention within each repository sample of a packed row (`repo_mask`, data.py), forward under
+autocast (bf16 on GPU, fp32 on CPU; FSDP2 casts through its own policy),
 next-token cross entropy summed over the target tokens and divided by the number of target
 tokens in the whole global batch (all ranks, all micro-steps), so a token weighs the same however
 the batch is split; then gradient clipping and AdamW with the lr of `schedule.lr_at(step)`.
@@ -220,6 +221,19 @@ def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
     )
 
 
+def forward(module: nn.Module, batch: MicroBatch, device: torch.device) -> Tensor:
+    """Logits of a micro-batch: attention within each repository sample when the batch carries
+    segments (data.collate), the model's plain causal path otherwise."""
+    inputs = batch.inputs.to(device, non_blocking=True)
+    if batch.segment_ids is None:
+        return module(inputs)
+    return module(
+        inputs,
+        input_pos=batch.positions.to(device, non_blocking=True),
+        segment_ids=batch.segment_ids.to(device, non_blocking=True),
+    )
+
+
 def train_step(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -239,7 +253,7 @@ def train_step(
     for m, b in enumerate(batches):
         with grad_sync(module, m == len(batches) - 1):
             with autocast():
-                logits = module(b.inputs.to(dev, non_blocking=True))
+                logits = forward(module, b, dev)
             ce = loss_sum(logits, b.targets.to(dev, non_blocking=True))
             (ce * scale).backward()
         ce_sum += ce.detach()
@@ -259,7 +273,7 @@ def evaluate(
     totals = torch.zeros(2, dtype=torch.float64, device=world.device)
     for b in batches:
         with autocast():
-            logits = model(b.inputs.to(world.device))
+            logits = forward(model, b, world.device)
         totals[0] += loss_sum(logits, b.targets.to(world.device)).double()
         totals[1] += b.loss_tokens
     model.train()
@@ -362,6 +376,7 @@ def _setup(cfg: TrainConfig, world: World) -> Run:
     model = model.to(world.device)
     dtype = compute_dtype(cfg, world)
     fsdp = world.distributed and cfg.parallel == "fsdp"
+    bos_id = tok.bos_id if cfg.repo_mask else None
     module = parallelize(
         model,
         world,
@@ -382,8 +397,9 @@ def _setup(cfg: TrainConfig, world: World) -> Run:
             micro_batch_size=cfg.micro_batch_size,
             world_size=world.world_size,
             rank=world.rank,
+            bos_id=bos_id,
         ),
-        eval_batches=_held_out(cfg, world, eval_source),
+        eval_batches=_held_out(cfg, world, eval_source, bos_id),
         tokenizer_dir=tok_dir,
         dtype=dtype,
         autocast=_autocast(world, dtype, enabled=dtype != torch.float32 and not fsdp),
@@ -427,7 +443,9 @@ def _autocast(
     return lambda: torch.autocast(world.device.type, dtype=dtype)
 
 
-def _held_out(cfg: TrainConfig, world: World, source: RowSource | None) -> list[MicroBatch]:
+def _held_out(
+    cfg: TrainConfig, world: World, source: RowSource | None, bos_id: int | None
+) -> list[MicroBatch]:
     if source is None:
         return []
     return eval_batches(
@@ -436,6 +454,7 @@ def _held_out(cfg: TrainConfig, world: World, source: RowSource | None) -> list[
         max_batches=cfg.eval_batches,
         world_size=world.world_size,
         rank=world.rank,
+        bos_id=bos_id,
     )
 
 
