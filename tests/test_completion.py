@@ -7,41 +7,13 @@ sequence after the prompt, so the test controls exactly what "the model" writes.
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
+from scripted_model import ScriptedModel
 
 from codegemma import prompts
 from codegemma.completion import build_prompt, complete, complete_batch
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine
 from codegemma.middle import FimRequest, clean, cursor_is_mid_line
-from codegemma.model import KVCache
-
-
-class ScriptedModel(nn.Module):
-    """Emits `script` token by token after the prompt (one-hot logits), whatever the prompt."""
-
-    def __init__(self, script: list[int]) -> None:
-        super().__init__()
-        self.config = ModelConfig.preset("tiny")
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(self.config.vocab_size, 4)
-        self.script = script
-        self.prompt_len = 0
-
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_seq_len, torch.float32)
-
-    def forward(self, ids, input_pos, cache=None, rows=None, logits_index=None):
-        if logits_index is not None:  # prefill: remember where the prompt ends
-            self.prompt_len = int(logits_index.max()) + 1
-            pos = logits_index[:, None]
-        else:
-            pos = input_pos
-        step = (pos - self.prompt_len + 1).clamp(0, len(self.script) - 1)
-        return nn.functional.one_hot(
-            torch.tensor(self.script)[step], self.config.vocab_size
-        ).float()
 
 
 def run(tokenizer, text: str, request: FimRequest, *, sentinel: int | None = None, **kw) -> str:

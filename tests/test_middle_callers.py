@@ -11,48 +11,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from torch import nn
+from scripted_model import ScriptedModel
 
 from codegemma import api, cli, middle
-from codegemma.config import ModelConfig
 from codegemma.engine import Engine
 from codegemma.eval.runner import CodeGemmaGenerator, stop_output
 from codegemma.eval.tasks import Task
-from codegemma.model import KVCache
 from codegemma.server import ServerSettings, create_app
 
 PREFIX = "def area(w, h):\n    total = mul("
 SUFFIX = ")\n    return total\n"  # the cursor is mid-line: single-line mode
 # What the model writes: the line's rest, then more lines an editor must not insert.
 RAW = "w, h\n    return total\n\nprint(area(2, 3))\n"
-
-
-class ScriptedModel(nn.Module):
-    """Emits `script` token by token after the prompt (one-hot logits), whatever the prompt."""
-
-    def __init__(self, script: list[int]) -> None:
-        super().__init__()
-        self.config = ModelConfig.preset("tiny")
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(self.config.vocab_size, 4)
-        self.script = script
-        self.prompt_len = 0
-
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_seq_len, torch.float32)
-
-    def forward(self, ids, input_pos, cache=None, rows=None, logits_index=None):
-        if logits_index is not None:  # prefill: the prompt ends here
-            self.prompt_len = int(logits_index.max()) + 1
-            pos = logits_index[:, None]
-        else:
-            pos = input_pos
-        step = (pos - self.prompt_len + 1).clamp(0, len(self.script) - 1)
-        return nn.functional.one_hot(
-            torch.tensor(self.script)[step], self.config.vocab_size
-        ).float()
 
 
 @pytest.fixture

@@ -55,6 +55,25 @@ class ExecutionResult:
     duration_s: float
     isolation: str  # "full" or "degraded (...)"
 
+    @classmethod
+    def of(
+        cls, task_id: str, sample_idx: int, verdict: tuple[Outcome, str, str], r: SandboxResult
+    ) -> ExecutionResult:
+        """The result of sample `sample_idx` of `task_id` from its (outcome, kind, reason) and the
+        sandbox run it was judged on (output tails, duration, isolation)."""
+        outcome, kind, reason = verdict
+        return cls(
+            task_id=task_id,
+            sample_idx=sample_idx,
+            outcome=outcome,
+            kind=kind,
+            reason=reason,
+            stdout=r.stdout[-TAIL:],
+            stderr=r.stderr[-TAIL:],
+            duration_s=r.duration_s,
+            isolation=r.isolation.describe(),
+        )
+
     @property
     def passed(self) -> bool:
         return self.outcome is Outcome.PASSED
@@ -149,18 +168,7 @@ def execute(
     sandbox = sandbox or default_sandbox()
     program, check, call = build_program(task, completion)
     r = sandbox.run(program, check=check, call=call, entry_point=task.entry_point or None)
-    outcome, kind, reason = classify(r)
-    return ExecutionResult(
-        task_id=task.task_id,
-        sample_idx=sample_idx,
-        outcome=outcome,
-        kind=kind,
-        reason=reason,
-        stdout=r.stdout[-TAIL:],
-        stderr=r.stderr[-TAIL:],
-        duration_s=r.duration_s,
-        isolation=r.isolation.describe(),
-    )
+    return ExecutionResult.of(task.task_id, sample_idx, classify(r), r)
 
 
 def execute_many(
@@ -244,17 +252,8 @@ def execute_babelcode(
         (r.duration_s,),
     )
     v = bc.verdict(run, problem.test_case_ids)
-    outcome, kind, reason = _babelcode_outcome(v, r, len(tc.commands))
-    return ExecutionResult(
-        task_id=problem.task_id,
-        sample_idx=sample_idx,
-        outcome=outcome,
-        kind=kind,
-        reason=reason,
-        stdout=r.stdout[-TAIL:],
-        stderr=r.stderr[-TAIL:],
-        duration_s=r.duration_s,
-        isolation=r.isolation.describe(),
+    return ExecutionResult.of(
+        problem.task_id, sample_idx, _babelcode_outcome(v, r, len(tc.commands)), r
     )
 
 
