@@ -185,9 +185,15 @@ def worker(
 
         model, config = load_model(model_dir, dtype=getattr(torch, dtype), device="cpu")
         # token ids only (random weights, no tokenizer); no prefix cache: every generation
-        # prefills its prompt again, as transformers' generate does
+        # prefills its prompt again, as transformers' generate does; no speculation: every step
+        # decodes one token, which is what the bandwidth limit and the per-token clock measure
+        # (random weights repeat tokens, so prompt lookup would flatter them: bench_speculative.py)
         engine = Engine(
-            model, max_batch_size=batch, prefix_cache=False, prefill_tokens=batch * prompt_len
+            model,
+            max_batch_size=batch,
+            prefix_cache=False,
+            prefill_tokens=batch * prompt_len,
+            speculative=False,
         )
         prompts = torch.randint(200, config.vocab_size, (batch, prompt_len)).tolist()
 

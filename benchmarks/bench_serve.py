@@ -83,7 +83,8 @@ def run(model_dir: Path, batch: int, args) -> dict[int, dict]:
     from codegemma.server import ServerSettings, create_app
 
     cg = codegemma.load(model_dir, device=args.device)
-    engine = Engine(cg.model, cg.tokenizer, max_batch_size=batch)
+    # one token per decode step: random weights repeat tokens, which would flatter speculation
+    engine = Engine(cg.model, cg.tokenizer, max_batch_size=batch, speculative=False)
     settings = ServerSettings(served_model_name="bench", max_queue=256, max_tokens=args.max_tokens)
     out = {}
     with run_server(create_app(engine, settings)) as url:
