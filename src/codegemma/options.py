@@ -116,26 +116,15 @@ def add_dataclass_options(
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
-        kind = base_type(cls, f.name)
-        text = describe(f) if describe else f.metadata.get("help", "")
-        default = defaults.get(f.name, f.default)
-        if default is not dataclasses.MISSING and kind is not bool:
-            text = f"{text} (default: {default})".lstrip()
-        kwargs: dict[str, Any] = dict(
+        add_field_option(
+            parser,
+            "--" + f.name.replace("_", "-"),
+            cls,
+            f.name,
             dest=dest_prefix + f.name,
-            default=defaults.get(f.name, argparse.SUPPRESS),
-            help=text or None,
+            help=describe(f) if describe else None,
+            default=defaults.get(f.name, _UNSET),
         )
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        choices = f.metadata.get("choices")
-        if choices:
-            kwargs["choices"] = choices
-        else:
-            kwargs["metavar"] = kind.__name__.upper()
-        parser.add_argument(flag, type=_parse(kind, _optional(f)), **kwargs)
 
 
 def dataclass_values(args: argparse.Namespace, cls: type, *, dest_prefix: str = "") -> dict:
@@ -148,8 +137,11 @@ def dataclass_values(args: argparse.Namespace, cls: type, *, dest_prefix: str = 
     return out
 
 
+_UNSET = object()  # add_field_option: no default of the command's own
+
+
 def add_field_option(
-    p: argparse.ArgumentParser,
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
     flag: str,
     cls: type,
     name: str,
@@ -158,21 +150,28 @@ def add_field_option(
     help: str | None = None,
     metavar: str | None = None,
     required: bool = False,
+    default: Any = _UNSET,
 ) -> None:
-    """A flag for field `name` of `cls` under another name than the field's (`--shards` for
-    `num_shards`): its type, its default (shown in the help, never restated) and, unless given,
-    its help come from the field. Unset, it stays out of the namespace, so the default applies."""
+    """A flag for field `name` of `cls`, named `flag` (`--shards` for `num_shards`): its type
+    (`--x/--no-x` for a bool), choices, default (shown in the help, never restated) and, unless
+    given, its help come from the field. Unset, it stays out of the namespace, so the field's
+    default applies, unless `default` gives this command its own."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     kind = base_type(cls, name)
-    text = help or field.metadata.get("help", "")
-    if field.default is not dataclasses.MISSING:
-        text = f"{text} (default: {field.default})"
-    p.add_argument(
-        flag,
+    text = help if help is not None else field.metadata.get("help", "")
+    shown = field.default if default is _UNSET else default
+    if shown is not dataclasses.MISSING and kind is not bool:
+        text = f"{text} (default: {shown})".lstrip()
+    kwargs: dict[str, Any] = dict(
         dest=dest,
-        type=_parse(kind, _optional(field)),
-        metavar=metavar or kind.__name__.upper(),
-        required=required,
-        default=argparse.SUPPRESS,
-        help=text,
+        default=argparse.SUPPRESS if default is _UNSET else default,
+        help=text or None,
     )
+    if kind is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if choices := field.metadata.get("choices"):
+        kwargs["choices"] = choices
+    else:
+        kwargs["metavar"] = metavar or kind.__name__.upper()
+    p.add_argument(flag, type=_parse(kind, _optional(field)), required=required, **kwargs)

@@ -110,29 +110,15 @@ TASKSETS: dict[str, TaskSet] = _sets(
         load=_infilling("random-span-light"),
         max_new_tokens=INFILL_TOKENS,
     ),
-    TaskSet(
-        name="mbpp",
-        load=_mbpp(3, sanitized=False),
-        max_new_tokens=PROGRAM_TOKENS,
-        timeout_s=MBPP_TIMEOUT,
-    ),
-    TaskSet(
-        name="mbpp-0shot",
-        load=_mbpp(0, sanitized=False),
-        max_new_tokens=PROGRAM_TOKENS,
-        timeout_s=MBPP_TIMEOUT,
-    ),
-    TaskSet(
-        name="mbpp-sanitized",
-        load=_mbpp(3, sanitized=True),
-        max_new_tokens=PROGRAM_TOKENS,
-        timeout_s=MBPP_TIMEOUT,
-    ),
-    TaskSet(
-        name="mbpp-sanitized-0shot",
-        load=_mbpp(0, sanitized=True),
-        max_new_tokens=PROGRAM_TOKENS,
-        timeout_s=MBPP_TIMEOUT,
+    *(
+        TaskSet(
+            name="mbpp" + ("-sanitized" if sanitized else "") + ("" if shots else "-0shot"),
+            load=_mbpp(shots, sanitized=sanitized),
+            max_new_tokens=PROGRAM_TOKENS,
+            timeout_s=MBPP_TIMEOUT,
+        )
+        for sanitized in (False, True)
+        for shots in (3, 0)
     ),
 )
 
