@@ -223,6 +223,68 @@ prefix, give code-shaped single lines (`codegemma complete --fim-mode spm --mode
 tokens and a larger model are what it lacks; official CodeGemma weights need none of this."""
 
 
+def sweep_section(path: Path | None, config: ModelConfig) -> str:
+    """The scaling sweep (scripts/scaling_sweep.py) that chose the model's shape and vocabulary."""
+    if path is None or not path.is_file():
+        return "(no sweep result given: `make model-sweep`)"
+    result = json.loads(path.read_text())
+    rows = [
+        "| vocabulary | layers x width | parameters (non-embedding) | tokens | held-out loss "
+        "| bits per byte | tokens/s | wall |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        chosen = (
+            r["vocab"] == config.vocab_size
+            and r["layers"] == config.num_hidden_layers
+            and r["hidden"] == config.hidden_size
+        )
+        mark = " (chosen)" if chosen else ""
+        rows.append(
+            f"| {r['vocab']:,} | {r['layers']} x {r['hidden']}{mark} | {r['parameters']:,} "
+            f"({r['non_embedding_parameters']:,}) | {r['tokens']:,} | {r['eval_loss']:.3f} "
+            f"| {r['bits_per_byte']:.3f} | {r['tokens_per_s']:,.0f} | {r['wall_s'] / 60:.1f} min |"
+        )
+    return (
+        f"Each candidate trained from scratch for {result['steps']} steps on the standard "
+        "library alone (`make model-sweep`, scripts/scaling_sweep.py), scored in bits per byte "
+        "of held-out text so that vocabularies compare.\n\n" + "\n".join(rows)
+    )
+
+
+ARM_TEXT = {
+    "recipe": ("stdlib + packages", "context", "on"),
+    "document-fim": ("stdlib + packages", "document", "on"),
+    "no-repo-mask": ("stdlib + packages", "context", "off"),
+    "stdlib-only": ("stdlib", "context", "on"),
+}
+
+
+def ablation_section(path: Path | None) -> str:
+    """The recipe's ablation (scripts/recipe_ablation.py) at one small budget."""
+    if path is None or not path.is_file():
+        return "(no ablation result given: `make model-ablation`)"
+    result = json.loads(path.read_text())
+    rows = [
+        "| arm | data | FIM level | repository mask | held-out loss | single-line pass@1 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in result["arms"]:
+        data, level, mask = ARM_TEXT.get(r["arm"], ("?", "?", "?"))
+        rows.append(
+            f"| {r['arm']} | {data} | {level} | {mask} | {r['eval_loss']:.3f} "
+            f"| {r['single_line_pass@1']:.2%} ({r['single_line_tasks']} tasks) |"
+        )
+    steps = result["steps"]
+    tokens = result["arms"][0]["tokens"]
+    return (
+        f"Each arm trained from scratch with this model's shape for {steps} steps ({tokens:,} "
+        "tokens; `make model-ablation`, scripts/recipe_ablation.py); held-out loss on the "
+        "recipe's held-out set; single-line infilling on every "
+        f"{result['every']}th task of the 1033 (PSM, greedy).\n\n" + "\n".join(rows)
+    )
+
+
 def render(args: argparse.Namespace) -> str:
     corpus = json.loads((args.corpus / "SOURCES.json").read_text())
     licence_file = args.corpus / "LICENSES.json"
@@ -230,6 +292,8 @@ def render(args: argparse.Namespace) -> str:
     manifest = json.loads((args.data / "manifest.json").read_text())
     config = ModelConfig.load(args.model)
     evals = report(args.eval) if args.eval else "(no evaluation runs given)"
+    sweep = sweep_section(args.sweep, config)
+    ablation = ablation_section(args.ablation)
     return f"""# codegemma-tiny: the bundled model
 
 A small model of the CodeGemma architecture, trained by this repository's own pipeline
@@ -251,11 +315,19 @@ programs. Every number below was written by `scripts/model_card.py` from the run
 
 {licence_section(licences)}
 
+## Size: a short scaling sweep
+
+{sweep}
+
 ## Training
 
 {training_section(args.run)}
 
 The loss curve is `loss.png` beside this card (`codegemma train plot`).
+
+## Ablation
+
+{ablation}
 
 ## Limitations
 
@@ -283,6 +355,8 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--eval", nargs="*", default=[])
+    p.add_argument("--sweep", type=Path, help="scripts/scaling_sweep.py's result JSON")
+    p.add_argument("--ablation", type=Path, help="scripts/recipe_ablation.py's result JSON")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     write_text_atomic(args.out, render(args))
