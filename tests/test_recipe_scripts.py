@@ -41,7 +41,7 @@ def test_sweep_section_lists_runs_and_marks_the_chosen_shape(tmp_path) -> None:
     runs = [_run(8192, 6, 256, 4.1), _run(8192, 4, 192, 4.3), _run(4096, 6, 256, 3.9)]
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"steps": 80, "runs": runs}))
-    config = ModelConfig.preset("mini")  # vocab 8192, 6 x 256
+    config = ModelConfig.preset("mini", vocab_size=8192, num_hidden_layers=6, hidden_size=256)
     table = model_card.sweep_section(path, config)
     assert "for 80 steps" in table
     assert table.count("(chosen)") == 1

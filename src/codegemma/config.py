@@ -207,13 +207,14 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=256,
     ),
     # The bundled model (src/codegemma/assets/): the 2B's shape (MQA, GeGLU) scaled to what two
-    # CPU cores train in about an hour; its vocabulary is the tokenizer `make model` trains.
+    # CPU cores train in about an hour, chosen by `make model-sweep` (its card shows the sweep);
+    # its vocabulary is the tokenizer `make model` trains.
     "mini": ModelConfig(
         vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=4,
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=3,
         num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=2048,
