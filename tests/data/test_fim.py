@@ -183,6 +183,48 @@ def test_syntax_middles_mix_single_nodes_and_sibling_runs():
     assert sum(p.middle.startswith("class Circle") for p in singles) > count["self.r"]
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(language=st.sampled_from(sorted(SOURCES)), seed=st.integers(0, 2**32))
+def test_line_aligned_middles_are_whole_lines_of_a_node(language, seed):
+    """line_align_rate 1: a node that fills its lines becomes those whole lines (indentation and
+    newline in the middle, as in HumanEval's line infilling); any other node stays as it is."""
+    text = SOURCES[language][1]
+    plain = split(text, language, "syntax", random.Random(seed), sibling_run_rate=0.0)
+    aligned = split(
+        text, language, "syntax", random.Random(seed), sibling_run_rate=0.0, line_align_rate=1.0
+    )
+    assert aligned.prefix + aligned.middle + aligned.suffix == text
+    assert plain.middle.strip() in aligned.middle  # the same node, maybe widened
+    fills = not plain.prefix.rsplit("\n", 1)[-1].strip(" \t") and not (
+        plain.suffix.split("\n", 1)[0].strip()
+    )
+    if fills:
+        assert aligned.prefix == "" or aligned.prefix.endswith("\n")
+        assert aligned.middle.endswith("\n") or not aligned.suffix
+        assert aligned.middle.strip() == plain.middle.strip()
+    else:
+        assert aligned == plain
+
+
+def test_line_alignment_gives_the_benchmark_shape():
+    text = "def f(x):\n    y = x + 1\n    return y\n"
+    rng = random.Random(0)
+    shapes = {
+        (p.prefix, p.middle)
+        for p in (
+            split(text, "python", "syntax", rng, sibling_run_rate=0.0, line_align_rate=1.0)
+            for _ in range(200)
+        )
+    }
+    assert ("def f(x):\n", "    y = x + 1\n") in shapes
+    assert ("def f(x):\n    y = x + 1\n", "    return y\n") in shapes
+    assert ("def f(x):\n    y = ", "x + 1") in shapes  # not a whole line: as it is
+    # rate 0 draws nothing more: the bytes of earlier versions
+    a = [split(text, "python", "syntax", random.Random(s)) for s in range(50)]
+    b = [split(text, "python", "syntax", random.Random(s), line_align_rate=0.0) for s in range(50)]
+    assert a == b
+
+
 def test_syntax_split_respects_non_ascii_offsets():
     text = "s = '日本語のテキスト🎉🎉'\n\ndef f(x):\n    return x * 2\n"
     expected = {

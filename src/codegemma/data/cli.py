@@ -66,8 +66,9 @@ def _add_prepare(sub: Any) -> None:
     add_field_option(p, "--shards", PrepareConfig, "num_shards", dest="cfg_num_shards")
     for flag, name in FIM_FLAGS.items():
         add_field_option(p, flag, FimConfig, name, dest=f"fim_{name}")
-    # --fim-level: the field's own name, so generated with its choices
-    others = [f.name for f in dataclasses.fields(FimConfig) if f.name != "fim_level"]
+    # --fim-level, --line-align-rate: the fields' own names, so generated (with their choices)
+    own = ("fim_level", "line_align_rate")
+    others = [f.name for f in dataclasses.fields(FimConfig) if f.name not in own]
     add_dataclass_options(p, FimConfig, exclude=others, dest_prefix="fim_")
     p.add_argument(
         "--engine",
