@@ -156,7 +156,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def training_section(run: Path) -> str:
+def training_section(runs: list[Path]) -> str:
+    """One table per training stage (each a `codegemma train` run, the later ones continuing from
+    the model the one before exported), then the total wall time."""
+    if len(runs) == 1:
+        return stage_table(runs[0])
+    parts = [f"### Stage {k} (`{run}`)\n\n{stage_table(run)}" for k, run in enumerate(runs, 1)]
+    minutes = (
+        sum(
+            [m for m in read_metrics(r / "metrics.jsonl") if "elapsed_s" in m][-1]["elapsed_s"]
+            for r in runs
+        )
+        / 60
+    )
+    return "\n\n".join(parts) + f"\n\nBoth stages together: {minutes:.1f} min of training."
+
+
+def stage_table(run: Path) -> str:
     metrics = read_metrics(run / "metrics.jsonl")
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
@@ -174,6 +190,7 @@ def training_section(run: Path) -> str:
             f"{cfg.get('min_lr_ratio')} of it), weight decay {cfg.get('weight_decay')}, "
             f"clip {cfg.get('grad_clip')}, {cfg.get('precision')}, seed {cfg.get('seed')}",
         ),
+        ("data", f"`{cfg.get('data')}`, from {cfg.get('init_from') or 'a random init'}"),
         ("optimizer steps", f"{last['step']:,}"),
         ("tokens trained", f"{last['tokens']:,}"),
         ("wall time", f"{last['elapsed_s'] / 60:.1f} min"),
@@ -323,7 +340,8 @@ programs. Every number below was written by `scripts/model_card.py` from the run
 
 {training_section(args.run)}
 
-The loss curve is `loss.png` beside this card (`codegemma train plot`).
+The loss curves are `loss.png` (stage 1) and `loss-stage2.png` (stage 2) beside this card
+(`codegemma train plot`).
 
 ## Ablation
 
@@ -352,7 +370,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="the training stages' runs")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--eval", nargs="*", default=[])
     p.add_argument("--sweep", type=Path, help="scripts/scaling_sweep.py's result JSON")
