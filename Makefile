@@ -58,11 +58,10 @@ BUILD := build/model
 CG := $(BIN)/codegemma
 MBPP := src/codegemma/eval/tasks/data/mbpp/mbpp.jsonl
 PREPARE := --tokenizer $(BUILD)/tokenizer --seq-len 512 --mbpp $(MBPP) --quiet
-# Stage 1 trains on context-level FIM rows whose syntax middles keep a line's indentation in the
-# prefix (--line-align-rate 0); stage 2 continues on a fresh draw (seed 1) with half of them
-# widened to whole lines, the shape of an editor's or a benchmark's line infill (MODEL_CARD.md).
+# The bundled model was trained before line-aligned FIM middles existed: its syntax middles keep
+# a line's indentation in the prefix (--line-align-rate 0; the default now widens half of them to
+# whole lines, the shape of an editor's or a benchmark's line infill; MODEL_CARD.md).
 STAGE1 := $(PREPARE) --line-align-rate 0
-STAGE2 := $(PREPARE) --seed 1
 TRAIN_SRC = cpython=build/corpus/train/Lib $$(cat build/corpus/packages-train.txt)
 HELDOUT_SRC = cpython=build/corpus/heldout/Lib $$(cat build/corpus/packages-heldout.txt)
 EVAL := --model $(MODEL_DIR) --batch-size 32 --quiet
@@ -73,13 +72,8 @@ model: $(STAMP)
 	$(CG) tokenizer train build/corpus/train/Lib --vocab-size 8192 --out $(BUILD)/tokenizer
 	$(CG) data prepare $(TRAIN_SRC) --out $(BUILD)/data $(STAGE1)
 	$(CG) data prepare $(HELDOUT_SRC) --out $(BUILD)/heldout $(STAGE1)
-	$(CG) data prepare $(TRAIN_SRC) --out $(BUILD)/data-lines $(STAGE2)
 	$(CG) train --config configs/codegemma-tiny.toml
-	$(BIN)/python scripts/export_model.py $(BUILD)/run $(BUILD)/stage1
-	$(CG) train --config configs/codegemma-tiny.toml --run-dir $(BUILD)/run-lines \
-	  --preset none --init-from $(BUILD)/stage1 --data $(BUILD)/data-lines \
-	  --max-steps 400 --lr 1e-3 --warmup-steps 20
-	$(BIN)/python scripts/export_model.py $(BUILD)/run-lines $(MODEL_DIR)
+	$(BIN)/python scripts/export_model.py $(BUILD)/run $(MODEL_DIR)
 	$(MAKE) model-card
 
 # The short scaling sweep that chose the bundled model's vocabulary, depth and width (after the
@@ -110,7 +104,6 @@ model-ablation: $(STAMP)
 # Evaluate the exported model and write its card (also after a `make model` interrupted late).
 model-card: $(STAMP)
 	$(CG) train plot $(BUILD)/run --out $(MODEL_DIR)/loss.png
-	$(CG) train plot $(BUILD)/run-lines --out $(MODEL_DIR)/loss-stage2.png
 	$(CG) eval run humaneval-single-line $(EVAL) --out $(BUILD)/eval/single-line
 	$(CG) eval run humaneval-multi-line $(EVAL) --out $(BUILD)/eval/multi-line
 	$(CG) eval run humaneval $(EVAL) --out $(BUILD)/eval/humaneval
@@ -119,7 +112,7 @@ model-card: $(STAMP)
 	  $(CG) eval run bc-humaneval-$$lang $(EVAL) --out $(BUILD)/eval/bc-humaneval-$$lang || exit 1; \
 	done
 	$(BIN)/python scripts/model_card.py --corpus build/corpus --data $(BUILD)/data \
-	  --run $(BUILD)/run $(BUILD)/run-lines --model $(MODEL_DIR) --eval $(BUILD)/eval/* \
+	  --run $(BUILD)/run --model $(MODEL_DIR) --eval $(BUILD)/eval/* \
 	  --sweep build/sweep/result.json --ablation build/ablation/result.json \
 	  --out $(MODEL_DIR)/MODEL_CARD.md
 

@@ -340,8 +340,7 @@ programs. Every number below was written by `scripts/model_card.py` from the run
 
 {training_section(args.run)}
 
-The loss curves are `loss.png` (stage 1) and `loss-stage2.png` (stage 2) beside this card
-(`codegemma train plot`).
+The loss curve is `loss.png` beside this card (`codegemma train plot`).
 
 ## Ablation
 
