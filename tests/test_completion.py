@@ -56,6 +56,27 @@ def test_block_mode_stops_before_repeating_the_suffix(tiny_tokenizer):
     assert run(tiny_tokenizer, text, req, sentinel=tiny_tokenizer.eos_id) == "y = x + 1"
 
 
+def test_a_repetition_loop_is_cut_after_its_first_copy(tiny_tokenizer):
+    req = FimRequest(prefix="def f(x):\n    ", suffix="\n", mode="block")
+    text = "y = 1\n    " + "import sys\n    " * 30
+    assert run(tiny_tokenizer, text, req) == "y = 1\n    import sys\n"
+
+
+def test_a_loop_the_token_limit_ends_in_is_cut_at_the_tail_threshold(tiny_tokenizer):
+    """A short loop counts only when generation ran out of tokens inside it: the same text that
+    ends with eos keeps it."""
+    req = FimRequest(prefix="values = [", suffix="]\n")
+    script = tiny_tokenizer.encode("1, " + "0, " * 12)
+    engine = Engine(ScriptedModel(script), tiny_tokenizer, max_batch_size=1)
+    exhausted = complete_batch(engine, tiny_tokenizer, [req], max_new_tokens=len(script))[0]
+    assert exhausted == "1, 0"  # the loop is ", 0" from the first comma on
+    ended = script + [tiny_tokenizer.eos_id]
+    engine = Engine(ScriptedModel(ended), tiny_tokenizer, max_batch_size=1)
+    assert complete_batch(engine, tiny_tokenizer, [req], max_new_tokens=len(ended))[0] == (
+        "1, " + "0, " * 12
+    )
+
+
 def test_user_stop_strings(tiny_tokenizer):
     req = FimRequest(prefix="x = ", suffix="", mode="block")
     assert run(tiny_tokenizer, "1  # done", req, stop=["  #"]) == "1"

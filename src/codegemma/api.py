@@ -10,6 +10,7 @@ With no path, the model bundled with the package (src/codegemma/assets/) is load
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from codegemma.checkpoint import load_checkpoint, parse_dtype, resolve_model
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine, GenerationResult, SamplingParams
 from codegemma.errors import CheckpointError
-from codegemma.middle import FimRequest
+from codegemma.middle import FimRequest, ReplyGuard
 from codegemma.model import GemmaForCausalLM
 from codegemma.prompts import ContextFile
 from codegemma.quant import quantize_model
@@ -114,9 +115,20 @@ class CodeGemma:
 
     # -- chat (instruction-tuned checkpoints) ----------------------------------------------
     def chat(self, messages: Sequence[Mapping[str, str]], **options) -> str:
+        """The model's reply, without a repetition loop (generation stops once one is found)."""
         ids = prompts.chat_prompt(self.tokenizer, prompts.fold_system(list(messages)))
         params = SamplingParams(stop_token_ids=prompts.chat_stop_ids(self.tokenizer), **options)
-        return self.engine.generate([ids], params)[0].text
+        guard, reply = ReplyGuard(), ""
+        with contextlib.closing(self.engine.stream(ids, params)) as events:
+            for event in events:
+                if event.result is None:
+                    reply += guard.push(event.delta)
+                else:
+                    exhausted = event.result.finish_reason == "length"
+                    reply += guard.finish(event.delta, exhausted=exhausted)
+                if guard.looping:
+                    break  # the rest would be cut; closing the stream frees the slot
+        return reply
 
 
 def load(

@@ -45,7 +45,7 @@ from codegemma.config import DTYPES as MODEL_DTYPES
 from codegemma.config import ConfigError, ModelConfig
 from codegemma.errors import CheckpointError
 from codegemma.fileio import file_mode, write_text_atomic
-from codegemma.gguf import is_gguf, load_gguf
+from codegemma.gguf import GGUFFile, is_gguf, load_gguf
 from codegemma.model import GemmaForCausalLM
 from codegemma.tokenizer import Tokenizer
 
@@ -694,18 +694,23 @@ def ollama_models_dir() -> Path:
     return Path.home() / ".ollama" / "models"
 
 
+def _ollama_manifest(spec: str) -> tuple[str, str, Path]:
+    """(name, tag, manifest path) of Ollama model NAME[:TAG]."""
+    name, _, tag = spec.partition(":")
+    if not name or "/" in tag or ".." in name.split("/"):
+        raise CheckpointError(f"ollama model {spec!r} is not NAME[:TAG], e.g. ollama:codegemma:2b")
+    tag = tag or "latest"
+    namespace = name if "/" in name else f"library/{name}"
+    return name, tag, ollama_models_dir() / "manifests" / OLLAMA_REGISTRY / namespace / tag
+
+
 def resolve_ollama(spec: str) -> Path:
     """The GGUF blob of Ollama model NAME[:TAG] (tag default "latest"; NAME may be NS/NAME, default
     namespace "library"): manifests/registry.ollama.ai/NS/NAME/TAG is JSON whose layer of media
     type application/vnd.ollama.image.model names the digest sha256:HEX, stored at
     blobs/sha256-HEX. Offline; errors name what is missing and where it looked."""
-    name, _, tag = spec.partition(":")
-    if not name or "/" in tag or ".." in name.split("/"):
-        raise CheckpointError(f"ollama model {spec!r} is not NAME[:TAG], e.g. ollama:codegemma:2b")
-    tag = tag or "latest"
+    name, tag, manifest = _ollama_manifest(spec)
     root = ollama_models_dir()
-    namespace = name if "/" in name else f"library/{name}"
-    manifest = root / "manifests" / OLLAMA_REGISTRY / namespace / tag
     where = "(models directory from $OLLAMA_MODELS, else ~/.ollama/models)"
     if not manifest.is_file():
         raise CheckpointError(
@@ -733,6 +738,80 @@ def resolve_ollama(spec: str) -> Path:
             fix=f"run `ollama pull {name}:{tag}` again to fetch the weights",
         )
     return blob
+
+
+# -- chat models ------------------------------------------------------------------------------
+# A model is a chat model when it was instruction-tuned on Gemma's turns. What records that in a
+# model's files is the chat template: Hugging Face writes it into tokenizer_config.json (or
+# chat_template.jinja) of an instruction-tuned model, llama.cpp copies it into a GGUF
+# (`tokenizer.chat_template`), Ollama ships an instruct model with a chat template layer. Our own
+# training keeps it truthful: every tokenizer `codegemma tokenizer train` writes carries the
+# template (transformers needs it to build chat prompts), but a training checkpoint gets it only
+# from an SFT run (train/run_checkpoint.py; a pretraining checkpoint's is removed). Google's
+# pretrained CodeGemma releases are refused by the name they are published under, whatever their
+# tokenizer files carry.
+CHAT_MODEL = "google/codegemma-7b-it"  # the instruction-tuned CodeGemma to chat with
+PRETRAINED_RELEASES = frozenset({"codegemma-2b", "codegemma-7b", "codegemma-1.1-2b"})
+OLLAMA_TEMPLATE_LAYER = "application/vnd.ollama.image.template"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def chat_template(path: Path) -> str | None:
+    """The chat template a resolved model carries (a Hugging Face directory or a GGUF file)."""
+    if is_gguf(path):
+        return GGUFFile.open(path).get("tokenizer.chat_template") or None
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8") or None
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def not_a_chat_model(path_or_id: str | os.PathLike, path: Path) -> str | None:
+    """Why the model `path_or_id` (resolved to `path`) is no chat model, or None if it is one."""
+    text = str(path_or_id)
+    if text.startswith(OLLAMA_PREFIX):  # Ollama ships an instruct model with a chat template
+        template = _ollama_template(text.removeprefix(OLLAMA_PREFIX))
+        if "<start_of_turn>" not in (template or ""):
+            return f"{text} has no chat template in Ollama's store: it is a code-completion model"
+        return None
+    name = _published_name(path)
+    if name in PRETRAINED_RELEASES:
+        return f"{text} is {name}, CodeGemma's pretrained code-completion model: not a chat model"
+    if chat_template(path) is None:
+        return f"{text} has no chat template: it is a pretrained (code-completion) model"
+    return None
+
+
+def _published_name(path: Path) -> str:
+    """The name a model was published under: the repo of a Hugging Face cache snapshot
+    (models--ORG--NAME/snapshots/REV), a GGUF's general.name, else the directory's name; lower
+    case, spaces as dashes."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        name = path.parent.parent.name.rsplit("--", 1)[-1]
+    elif is_gguf(path):
+        name = str(GGUFFile.open(path).get("general.name") or path.stem)
+    else:
+        name = path.name
+    return name.strip().lower().replace(" ", "-")
+
+
+def _ollama_template(spec: str) -> str | None:
+    """The template layer of an Ollama model, None if its manifest names none."""
+    _, _, manifest = _ollama_manifest(spec)
+    try:
+        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers") or []
+        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_TEMPLATE_LAYER)
+        blob = ollama_models_dir() / "blobs" / str(digest).replace(":", "-", 1)
+        return blob.read_text(encoding="utf-8")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def load_checkpoint(

@@ -113,6 +113,8 @@ def _unescape(text: str) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if not args.force:
+        _check_chat_model(args.model)
     cg = _load(args)
     messages: list[dict[str, str]] = []
     if args.system:
@@ -136,6 +138,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
 
 
+def _check_chat_model(model: str | None) -> None:
+    """Refuse, before loading anything, a model that was not instruction-tuned for chat."""
+    from codegemma.checkpoint import CHAT_MODEL, not_a_chat_model
+
+    problem = not_a_chat_model(model or "the bundled model", _model_path(model))
+    if problem:
+        raise UsageError(
+            f"{problem}; it would continue your message as code, not answer it",
+            fix=f"chat with the instruction-tuned model: codegemma chat --model {CHAT_MODEL} "
+            "(or pass --force to chat with this one anyway; use `codegemma complete` for code)",
+        )
+
+
+def _model_path(model: str | None) -> Path:
+    from codegemma.checkpoint import resolve_model
+
+    return resolve_model(model) if model else _bundled_path()
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """What `complete` would load, checked the same way (config against the weights, the
     tokenizer and its FIM tokens, tokenizer against the embedding); a Hugging Face directory
@@ -144,13 +165,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         check_tokenizer_fits,
         describe,
         load_checkpoint,
-        resolve_model,
+        not_a_chat_model,
         validate_model_dir,
     )
     from codegemma.gguf import describe_gguf, is_gguf
     from codegemma.tokenizer import Tokenizer
 
-    path = resolve_model(args.model) if args.model else _bundled_path()
+    path = _model_path(args.model)
     if is_gguf(path):  # tensors are views of the mapped file: building the model reads little
         _, config, tokenizer = load_checkpoint(path, device="cpu")
         checkpoint = describe_gguf(path)
@@ -172,9 +193,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             "special_ids": {
                 k: v for k, v in dataclasses.asdict(tokenizer.special).items() if v is not None
             },
-            "chat": tokenizer.special.start_of_turn is not None,
+            "turn_tokens": tokenizer.special.start_of_turn is not None,
         },
     }
+    not_chat = not_a_chat_model(args.model or "the bundled model", path)
+    info["chat"] = not_chat is None  # an instruction-tuned model (what `codegemma chat` needs)
+    if not_chat:
+        info["not_chat"] = not_chat
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -229,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--message", help="one message, answered, then exit (default: interactive)")
     p.add_argument("--system", help="folded into the first user turn (Gemma has no system role)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="chat even with a model that has no chat template (a pretrained model)",
+    )
     _sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
 

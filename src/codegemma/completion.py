@@ -2,9 +2,10 @@
 
 Prompts come from prompts.py (the layout training uses too); generation stops at any FIM sentinel
 or eos (without this, models run on into the next file); the raw text then goes through the
-middle rules of middle.py (single-line or block mode, no repeat of the suffix). When prompt and
-generation do not fit the context, context files are dropped first, then the prefix is trimmed
-from the left and the suffix from the right, keeping the text nearest the cursor.
+middle rules of middle.py (no repetition loop, single-line or block mode, no repeat of the
+suffix). When prompt and generation do not fit the context, context files are dropped first, then
+the prefix is trimmed from the left and the suffix from the right, keeping the text nearest the
+cursor.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def complete_batch(
         for r in requests
     ]
     results = engine.generate(ids, params, progress=progress)
-    return [clean(res.text, req) for res, req in zip(results, requests, strict=True)]
+    return [
+        clean(res.text, req, exhausted=res.finish_reason == "length")
+        for res, req in zip(results, requests, strict=True)
+    ]
 
 
 def complete(

@@ -13,6 +13,9 @@ Layouts (CodeGemma report, FIM paper's SPM variant used jointly with PSM):
 
     from codegemma.prompts import fim_prompt
     ids = fim_prompt(tok, "def add(a, b):\\n    return ", "\\n", path="math.py")
+
+`fim_ids` assembles the same layout from parts already encoded; `fit_infill_prompt` fits it into a
+token budget as llama.cpp's server fits an /infill request (the server's /infill does this).
 """
 
 from __future__ import annotations
@@ -65,18 +68,96 @@ def fim_prompt(
     [bos] + (path\\n text <|file_separator|>) per context file + (path\\n if path) + then
     PSM: <pre>P<suf>S<mid>   SPM: <pre><suf>S<mid>P
     """
+    return fim_ids(
+        tok,
+        tok.encode(prefix),
+        tok.encode(suffix),
+        mode=mode,
+        files=[context_file_ids(tok, f) for f in files],
+        path_ids=tok.encode(path + "\n") if path else [],
+        bos=bos,
+    )
+
+
+def fim_ids(
+    tok: Tokenizer,
+    prefix_ids: Sequence[int],
+    suffix_ids: Sequence[int],
+    *,
+    mode: FimMode | str = FimMode.PSM,
+    files: Sequence[Sequence[int]] = (),
+    path_ids: Sequence[int] = (),
+    bos: bool = True,
+) -> list[int]:
+    """`fim_prompt`'s layout from parts already encoded: `files` are context files as
+    `context_file_ids` gives them (each is followed by <|file_separator|>)."""
     sp = tok.special
     ids = [sp.bos] if bos else []
     for f in files:
-        if not isinstance(f, ContextFile):
-            raise PromptError(f"files must be ContextFile(path=..., text=...), got {f!r}")
-        ids += file_tokens(tok, f.path, tok.encode(f.text)) + [sp.file_separator]
-    if path:
-        ids += tok.encode(path + "\n")
-    pre, suf = tok.encode(prefix), tok.encode(suffix)
+        ids += [*f, sp.file_separator]
+    ids += path_ids
     if _mode(mode) is FimMode.PSM:
-        return ids + [sp.fim_prefix, *pre, sp.fim_suffix, *suf, sp.fim_middle]
-    return ids + [sp.fim_prefix, sp.fim_suffix, *suf, sp.fim_middle, *pre]
+        return ids + [sp.fim_prefix, *prefix_ids, sp.fim_suffix, *suffix_ids, sp.fim_middle]
+    return ids + [sp.fim_prefix, sp.fim_suffix, *suffix_ids, sp.fim_middle, *prefix_ids]
+
+
+def context_file_ids(tok: Tokenizer, f: ContextFile) -> list[int]:
+    """A context file as it precedes the FIM prompt: `path\n` then its text (no separator)."""
+    if not isinstance(f, ContextFile):
+        raise PromptError(f"files must be ContextFile(path=..., text=...), got {f!r}")
+    return file_tokens(tok, f.path, tok.encode(f.text))
+
+
+FIM_OVERHEAD = 4  # bos and the three FIM sentinels
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    ids: list[int]
+    truncated: bool  # some of the prefix, the suffix or the context files did not fit
+    files_kept: int  # how many of the context files (the last ones) are in the prompt
+
+
+def fit_infill_prompt(
+    tok: Tokenizer,
+    prefix: str,
+    suffix: str,
+    files: Sequence[ContextFile] = (),
+    *,
+    mode: FimMode | str = FimMode.PSM,
+    budget: int,
+    files_budget: int | None = None,
+) -> FittedPrompt:
+    """`fim_prompt`'s layout fitted into `budget` tokens the way llama.cpp's server fits an
+    /infill request (its `format_prompt_infill`): the context files ("extra context") keep the
+    most recent (last) ones that fit whole, each with its separator, in at most `files_budget`
+    tokens (default: half the budget); the prefix keeps its end and the suffix its start, sharing
+    the rest 3:1 (a side that needs less leaves the rest to the other). A `files_budget` that
+    does not depend on the request makes requests with the same files begin with the same
+    tokens, whatever their prefix, suffix and length: a cache warm-up's prefill is then reused
+    (llama.cpp reserves its batch size for the prefix and suffix instead, and relies on KV
+    shifting to reuse the files)."""
+    room = budget - FIM_OVERHEAD
+    if room < 0:
+        raise PromptError(
+            f"a FIM prompt needs at least {FIM_OVERHEAD} tokens but only {budget} fit; "
+            "lower the number of tokens to generate"
+        )
+    left = min(room, budget // 2 if files_budget is None else files_budget)
+    kept: list[list[int]] = []
+    for f in reversed(files):
+        ids = context_file_ids(tok, f)
+        if len(ids) + 1 > left:
+            break
+        kept.insert(0, ids)
+        left -= len(ids) + 1
+    room -= sum(len(ids) + 1 for ids in kept)
+    pre, suf = tok.encode(prefix), tok.encode(suffix)
+    n_suf = min(len(suf), max(room // 4, room - len(pre)))
+    n_pre = min(len(pre), room - n_suf)
+    ids = fim_ids(tok, pre[len(pre) - n_pre :], suf[:n_suf], mode=mode, files=kept)
+    truncated = n_pre < len(pre) or n_suf < len(suf) or len(kept) < len(files)
+    return FittedPrompt(ids=ids, truncated=truncated, files_kept=len(kept))
 
 
 def fim_example(

@@ -1,7 +1,8 @@
 """Fixtures for the server tests: the tiny model, and real uvicorn servers on free loopback ports.
 
 `serve(settings, max_batch_size=...)` starts an app with its own Engine (weights shared) in a
-background thread and yields its base URL; `server` is a module-wide default one.
+background thread and yields its base URL; `serve_app(app)` does the same for an app of the
+test's own; `server` is a module-wide default one.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def serve(tiny_cg):
             yield url, app
 
     return _serve
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """serve_app(app) -> context manager yielding the base URL of a live server for `app`."""
+    return run_server
 
 
 @pytest.fixture(scope="module")

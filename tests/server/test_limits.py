@@ -18,6 +18,9 @@ import time
 import httpx
 import pytest
 
+from codegemma import prompts
+from codegemma.prompts import ContextFile
+
 MIB = 1024 * 1024
 
 
@@ -94,9 +97,13 @@ def test_a_multi_megabyte_fim_prefix_is_trimmed_before_tokenizing(serve, monkeyp
         assert reply.status_code == 200, reply.text
         assert max(encoded) <= ctx.max_prompt_chars
     monkeypatch.undo()
-    files = [{"path": e["filename"], "text": e["text"]} for e in extra]
-    expected = tiny_cg.complete(prefix, suffix, files=files, max_new_tokens=6)  # untrimmed
-    assert reply.json()["content"] == expected
+    files = [ContextFile(path=e["filename"], text=e["text"]) for e in extra]
+    untrimmed = prompts.fit_infill_prompt(
+        tiny_cg.tokenizer, prefix, suffix, files, budget=ctx.max_seq_len - 6
+    )
+    body = reply.json()
+    assert body["prompt"] == tiny_cg.tokenizer.decode(untrimmed.ids)
+    assert body["truncated"] is True and body["tokens_evaluated"] == len(untrimmed.ids)
 
 
 # -- answers that mislead a client ---------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_bad_requests_raise_bad_request_error_naming_the_parameter(client):
         (dict(prompt="x", extra_body={"frobnicate": 1}), "frobnicate"),
         (dict(prompt="x", temperature=5.0), "temperature"),
         (dict(prompt="x", n=50), "n"),
-        (dict(prompt="x", logprobs=2), "logprobs"),
+        (dict(prompt="x", logprobs=21), "logprobs"),
         (dict(prompt="x" * 2000), "prompt"),
     ]
     for kwargs, param in cases:

@@ -6,12 +6,15 @@
     uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=8000)).run()
     # or: codegemma serve --model ...
 
-Routes: POST /v1/completions (+ `suffix` for FIM), POST /v1/chat/completions, POST /infill
-(llama.cpp), GET /v1/models, GET /health, GET /metrics (Prometheus). Handlers validate, plan
-(serving.py; tokenization runs in a worker thread, off the event loop), submit to the scheduler
-(503 + Retry-After when full), then answer JSON or SSE (responses.py). A client that disconnects
-has its sequences cancelled: streams through the generator's `finally`, plain requests by a
-watcher on the ASGI receive channel. Pure-ASGI middlewares, outermost first: metrics (status and
+Routes: POST /v1/completions (+ `suffix` for FIM, `logprobs`, `echo`), POST
+/v1/chat/completions, GET /v1/models; llama.cpp's POST /infill, /completion, /tokenize,
+/detokenize, GET /props, /slots; vLLM's GET /tokenizer_info (lm-evaluation-harness's remote
+tokenizer); GET /health, GET /metrics (Prometheus). Handlers validate, plan (serving.py;
+tokenization runs in a worker thread, off the event loop), submit to the scheduler (503 +
+Retry-After when full), then answer JSON or SSE (responses.py); log-probabilities are computed
+afterwards on the engine thread (scoring.py). A client that disconnects has its sequences
+cancelled: streams through the generator's `finally`, plain requests by a watcher on the ASGI
+receive channel; llama.cpp's cache warm-ups (`n_predict: 0`) run to their end regardless. Pure-ASGI middlewares, outermost first: metrics (status and
 latency per route, streams timed to their end), API key (401, `hmac.compare_digest`, before any of
 the body is read), body checks (413 over the size limit, 408 if the body does not arrive within
 `body_timeout_s`, 400 if not UTF-8). Every error body has OpenAI's shape; an error answered before
@@ -39,11 +42,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codegemma.engine import Engine
 from codegemma.errors import UsageError
-from codegemma.server import protocol, responses, serving
+from codegemma.server import ollama, protocol, responses, serving
 from codegemma.server.prometheus import SchedulerMetrics, ServerMetrics
 from codegemma.server.protocol import SHAPES, APIError, error_body
 from codegemma.server.scheduler import GenerationFailed, Overloaded, Scheduler, Submission
-from codegemma.server.serving import Plan, ServingContext, longest_piece
+from codegemma.server.scoring import TokenScore, TokenScorer
+from codegemma.server.serving import Collected, Plan, ServingContext, longest_piece
 from codegemma.server.settings import ServerSettings
 from codegemma.server.transport import timeout_error
 from codegemma.tokenizer import TextCodec
@@ -60,9 +64,13 @@ class ServerState:
 
     def __init__(self, engine: Engine, tokenizer: TextCodec, settings: ServerSettings) -> None:
         self.settings, self.model_id = settings, settings.served_model_name
+        self.engine, self.tokenizer = engine, tokenizer
         scheduler_metrics = SchedulerMetrics()
         self.scheduler = Scheduler(engine, max_queue=settings.max_queue, events=scheduler_metrics)
-        self.metrics = ServerMetrics(scheduler_metrics, load=self.scheduler.load)
+        self.metrics = ServerMetrics(
+            scheduler_metrics, load=self.scheduler.load, decode_stats=lambda: engine.decode_stats
+        )
+        self.scorer = TokenScorer(engine.model)
         self.ctx = ServingContext(
             tokenizer=tokenizer,
             max_seq_len=engine.max_seq_len,
@@ -70,6 +78,7 @@ class ServerState:
             settings=settings,
             capacity=self.scheduler.capacity,
             chars_per_token=longest_piece(tokenizer),
+            slots=self.scheduler.slots,
         )
 
     def check_model(self, model: str | None) -> None:
@@ -88,14 +97,32 @@ class ServerState:
         try:
             return self.scheduler.submit(plan.jobs())
         except Overloaded as e:
-            self.metrics.rejected.inc()
-            raise APIError(
-                503,
-                str(e),
-                code="server_overloaded",
-                type="server_error",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            ) from None
+            raise self._overloaded(e) from None
+
+    def _overloaded(self, e: Overloaded) -> APIError:
+        self.metrics.rejected.inc()
+        return APIError(
+            503,
+            str(e),
+            code="server_overloaded",
+            type="server_error",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    async def score(self, plan: Plan, index: int, generated: list[int]) -> list[TokenScore]:
+        """Log-probabilities of choice `index`'s generated tokens (and of its prompt's, after
+        the first, when the plan scores the prompt), `plan.logprobs` most likely ones each."""
+        prompt = plan.choices[index].prompt_ids
+        ids = prompt + generated
+        start = 1 if plan.score_prompt else len(prompt)
+        if start >= len(ids):
+            return []
+        top_k = plan.logprobs or 0
+        try:
+            work = self.scheduler.call(lambda: self.scorer.score(ids, start=start, top_k=top_k))
+        except Overloaded as e:
+            raise self._overloaded(e) from None
+        return await work
 
 
 def app_for_model(cg: CodeGemma, settings: ServerSettings | None = None) -> FastAPI:
@@ -125,6 +152,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.server = state
     _add_exception_handlers(app)
     _add_routes(app, state)
+    app.include_router(ollama.router(state))  # Ollama's /api routes (ollama.py)
     # the last added runs first: metrics, then the API key, then the body checks
     app.add_middleware(
         BodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
@@ -138,6 +166,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 # -- routes --------------------------------------------------------------------------------------
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     _add_generation_routes(app, state)
+    _add_llama_routes(app, state)
+    _add_tokenizer_routes(app, state)
     _add_info_routes(app, state)
 
 
@@ -146,56 +176,194 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         """The two OpenAI routes differ only in planning, `chat` framing and the body."""
         state.check_model(body.model)
         plan = await state.plan(planner, body)
-        submission = state.submit(plan)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = responses.openai_stream(
-                submission, plan, model=state.model_id, chat=chat, include_usage=include_usage
-            )
-            return _sse(stream, submission)
-        done = await _until_done(request, submission, serving.collect(submission, plan))
-        return JSONResponse(render(state.model_id, plan, done))
+        if not chat and not body.stream and all(c.params.max_new_tokens == 0 for c in plan.choices):
+            done = serving.not_generated(plan)  # max_tokens 0: the prompt only (echo, logprobs)
+        else:
+            submission = state.submit(plan)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = responses.openai_stream(
+                    submission, plan, model=state.model_id, chat=chat, include_usage=include_usage
+                )
+                return _sse(stream, submission)
+            done = await _until_done(request, submission, serving.collect(submission, plan))
+        return JSONResponse(await render(plan, done))
+
+    async def render_completion(plan: Plan, done: Collected) -> dict[str, Any]:
+        logprobs = []
+        if plan.logprobs is not None:
+            for i, choice in enumerate(plan.choices):
+                scores = await state.score(plan, i, done.tokens[i])
+                logprobs.append(
+                    responses.openai_logprobs(
+                        state.tokenizer,
+                        choice,
+                        done.texts[i],
+                        done.tokens[i],
+                        scores,
+                        score_prompt=plan.score_prompt,
+                    )
+                )
+        return responses.completion_body(state.model_id, plan, done, logprobs)
+
+    async def render_chat(plan: Plan, done: Collected) -> dict[str, Any]:
+        return responses.chat_body(state.model_id, plan, done)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
         return await openai_route(
-            body, request, serving.plan_completion, chat=False, render=responses.completion_body
+            body, request, serving.plan_completion, chat=False, render=render_completion
         )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request) -> Response:
-        return await openai_route(
-            body, request, serving.plan_chat, chat=True, render=responses.chat_body
-        )
+        return await openai_route(body, request, serving.plan_chat, chat=True, render=render_chat)
+
+
+def _add_llama_routes(app: FastAPI, state: ServerState) -> None:
+    async def llama_route(body: protocol.LlamaCppRequest, request: Request, planner) -> Response:
+        """/infill and /completion: plan, generate, score if `n_probs`, answer llama.cpp's
+        result (an array for several); a warm-up (`n_predict: 0`) only prefills."""
+        plan = await state.plan(planner, body)
+        submission = state.submit(plan)
+
+        async def final(i: int, done: Collected) -> list[dict[str, Any]]:
+            """The result bodies of choice i (one per copy), from its Collected."""
+            probs = await state.score(plan, i, done.tokens[0]) if plan.logprobs else None
+            bodies = []
+            for copy in range(plan.copies):
+                full = responses.llama_body(
+                    model=state.model_id,
+                    req=body,
+                    plan=plan,
+                    tok=state.tokenizer,
+                    index=i * plan.copies + copy,
+                    choice=plan.choices[i],
+                    content=done.texts[0],
+                    result=done.results[0],
+                    tokens=done.tokens[0],
+                    limited=done.limited[0],
+                    timing=submission.timings[i],
+                    probs=probs,
+                    stream=body.stream,
+                )
+                bodies.append(responses.select_fields(full, body.response_fields))
+            return bodies
+
+        if body.stream:
+            stream = responses.llama_stream(submission, plan, body.id_slot, final)
+            return _sse(stream, submission)
+        if body.n_predict == 0:  # a cache warm-up must fill the cache even if the client leaves
+            done = await serving.collect(submission, plan)
+        else:
+            done = await _until_done(request, submission, serving.collect(submission, plan))
+        bodies = [b for i in range(len(plan.choices)) for b in await final(i, done.choice(i))]
+        return JSONResponse(bodies[0] if len(bodies) == 1 else bodies)
 
     @app.post("/infill", response_model=None)
     async def infill(body: protocol.InfillRequest, request: Request) -> Response:
-        started = time.perf_counter()
-        plan = await state.plan(serving.plan_infill, body)
-        if not plan.choices:  # n_predict = 0
-            return JSONResponse(
-                responses.infill_body(state.model_id, plan, "", None, "length", started)
+        return await llama_route(body, request, serving.plan_infill)
+
+    @app.post("/completion", response_model=None)
+    async def completion(body: protocol.LlamaCompletionRequest, request: Request) -> Response:
+        return await llama_route(body, request, serving.plan_llama_completion)
+
+    @app.get("/props")
+    async def props() -> dict[str, Any]:
+        return {
+            "default_generation_settings": _slot(state, 0, None),
+            "total_slots": state.scheduler.slots,
+            "model_path": state.model_id,
+            "chat_template": "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"codegemma {app.version}",
+        }
+
+    @app.get("/slots", response_model=None)
+    async def slots(fail_on_no_slot: int = 0) -> Response:
+        live = [p for p in state.scheduler.progress() if p.active]
+        listed = [
+            _slot(state, i, live[i] if i < len(live) else None)
+            for i in range(state.scheduler.slots)
+        ]
+        if fail_on_no_slot and len(live) >= state.scheduler.slots:
+            raise APIError(503, "no slot is available", code="no_slot_available")
+        return JSONResponse(listed)
+
+
+def _slot(state: ServerState, slot: int, progress) -> dict[str, Any]:
+    """One llama.cpp /slots entry: the engine's slots are interchangeable, so the busy ones are
+    listed first, each with the sequence it holds."""
+    busy = progress is not None
+    entry = {
+        "id": slot,
+        "id_task": progress.group if busy else -1,
+        "n_ctx": state.ctx.max_seq_len,
+        "speculative": state.engine.speculative is not False,
+        "is_processing": busy,
+        "params": protocol.InfillRequest().settings(),
+    }
+    if busy:
+        entry["next_token"] = {
+            "has_next_token": True,
+            "has_new_line": progress.has_new_line,
+            "n_remain": progress.max_new_tokens - progress.generated,
+            "n_decoded": progress.generated,
+        }
+    else:
+        entry["next_token"] = {
+            "has_next_token": False,
+            "has_new_line": False,
+            "n_remain": -1,
+            "n_decoded": 0,
+        }
+    return entry
+
+
+def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
+    tok = state.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(body: protocol.TokenizeRequest) -> dict[str, Any]:
+        text = body.text()
+        encode = serving.encode_special if body.parse_special else serving.encode_plain
+        ids = await run_in_threadpool(encode, tok, text)
+        if body.bos:
+            ids = [tok.special.bos, *ids]
+        if not body.with_pieces:
+            return {"tokens": ids}
+        pieces = []
+        for i in ids:
+            data = responses.token_bytes(tok, i)
+            try:
+                pieces.append({"id": i, "piece": data.decode("utf-8")})
+            except UnicodeDecodeError:
+                pieces.append({"id": i, "piece": list(data)})
+        return {"tokens": pieces}
+
+    @app.post("/detokenize")
+    async def detokenize(body: protocol.DetokenizeRequest) -> dict[str, Any]:
+        bad = next((i for i in body.tokens if not 0 <= i < state.ctx.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"token id {bad} is invalid: {protocol.TOKEN_IDS} {state.ctx.vocab_size}",
+                param="tokens",
+                code="invalid_value",
             )
-        submission = state.submit(plan)
-        timer = None
-        if body.t_max_predict_ms:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(body.t_max_predict_ms / 1000, submission.cancel)
-        if body.stream:
-            stream = responses.infill_stream(
-                submission, plan, model=state.model_id, started=started
-            )
-            return _sse(stream, submission, timer)
-        try:
-            done = await _until_done(request, submission, serving.collect(submission, plan))
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return JSONResponse(
-            responses.infill_body(
-                state.model_id, plan, done.texts[0], done.results[0], done.reasons[0], started
-            )
-        )
+        text = tok.decode(body.tokens)
+        return {"content": text, "prompt": text}  # llama.cpp's key, and vLLM's
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        sp = tok.special
+        return {
+            "tokenizer_class": "codegemma",
+            "bos_token": tok.decode([sp.bos]),
+            "eos_token": tok.decode([sp.eos]),
+            "pad_token": tok.decode([sp.pad]),
+            "model_max_length": state.ctx.max_seq_len,
+        }
 
 
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
@@ -284,6 +452,9 @@ REQUIRED = {  # the body fields each route cannot do without, for the 400 of an 
         ("/v1/completions", protocol.CompletionRequest),
         ("/v1/chat/completions", protocol.ChatCompletionRequest),
         ("/infill", protocol.InfillRequest),
+        ("/completion", protocol.LlamaCompletionRequest),
+        ("/tokenize", protocol.TokenizeRequest),
+        ("/detokenize", protocol.DetokenizeRequest),
     )
 }
 

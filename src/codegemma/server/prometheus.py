@@ -11,11 +11,12 @@ record. No prometheus_client dependency: the format is a few lines of text.
 
 The server's metrics come in two parts wired without a cycle: `SchedulerMetrics` is the sink the
 scheduler reports to (it knows nothing of the scheduler), and `ServerMetrics` adds the HTTP
-metrics and gauges that read the scheduler's `load()` snapshot when scraped:
+metrics, gauges that read the scheduler's `load()` snapshot, and the engine's speculative
+decoding counts (`Engine.decode_stats`), all read when scraped:
 
     events = SchedulerMetrics()
     scheduler = Scheduler(engine, events=events)
-    metrics = ServerMetrics(events, load=scheduler.load)
+    metrics = ServerMetrics(events, load=scheduler.load, decode_stats=lambda: engine.decode_stats)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 
-from codegemma.engine import GenerationResult
+from codegemma.engine import DecodeStats, GenerationResult
 from codegemma.server.scheduler import Load
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -105,6 +106,19 @@ class Gauge(_Metric):
         return [f"{self.name} {_number(self.read())}"]
 
 
+class CounterFunc(_Metric):
+    """A counter kept elsewhere, read at scrape time from `read()` (it must only grow)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+        super().__init__(name, help)
+        self.read = read
+
+    def render(self) -> list[str]:
+        return [f"{self.name} {_number(self.read())}"]
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -156,6 +170,9 @@ class Registry:
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         return self.add(Counter(name, help, labels))
+
+    def counter_func(self, name: str, help: str, read: Callable[[], float]) -> CounterFunc:
+        return self.add(CounterFunc(name, help, read))
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> Gauge:
         return self.add(Gauge(name, help, read))
@@ -231,7 +248,12 @@ class ServerMetrics:
     """Everything /metrics shows: the HTTP metrics (kept here), the scheduler's metrics, and
     gauges that read the scheduler's occupancy through `load` at scrape time."""
 
-    def __init__(self, scheduler: SchedulerMetrics, load: Callable[[], Load]) -> None:
+    def __init__(
+        self,
+        scheduler: SchedulerMetrics,
+        load: Callable[[], Load],
+        decode_stats: Callable[[], DecodeStats] = DecodeStats,
+    ) -> None:
         r = self.registry = Registry()
         self.scheduler = scheduler
         self.requests = r.counter(
@@ -255,6 +277,46 @@ class ServerMetrics:
         for metric in scheduler.all():
             r.add(metric)
         self._add_gauges(load)
+        self._add_decode_stats(decode_stats)
+
+    def _add_decode_stats(self, stats: Callable[[], DecodeStats]) -> None:
+        """Speculative decoding (engine/speculative.py), summed over every sequence."""
+        counters = [
+            ("codegemma_decode_steps_total", "decode forward passes", "decode_steps"),
+            (
+                "codegemma_verify_steps_total",
+                "decode forward passes that verified drafted tokens",
+                "verify_steps",
+            ),
+            (
+                "codegemma_decode_sequence_steps_total",
+                "sequences advanced by decode steps (one per sequence per step)",
+                "sequence_steps",
+            ),
+            ("codegemma_decode_tokens_total", "tokens decode steps produced", "decode_tokens"),
+            (
+                "codegemma_draft_tokens_total",
+                "tokens drafted by prompt lookup and fed for verification",
+                "draft_tokens",
+            ),
+            (
+                "codegemma_draft_tokens_accepted_total",
+                "drafted tokens the model kept",
+                "accepted_draft_tokens",
+            ),
+        ]
+        for name, help, field in counters:
+            self.registry.counter_func(name, help, lambda field=field: getattr(stats(), field))
+        self.registry.gauge(
+            "codegemma_decode_tokens_per_step",
+            "tokens per sequence per decode step since the start (1 without speculation)",
+            lambda: stats().tokens_per_step,
+        )
+        self.registry.gauge(
+            "codegemma_draft_acceptance_rate",
+            "share of drafted tokens the model kept since the start",
+            lambda: stats().acceptance_rate,
+        )
 
     def _add_gauges(self, load: Callable[[], Load]) -> None:
         gauges = [

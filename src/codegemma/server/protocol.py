@@ -4,9 +4,10 @@ Request models list their fields in the order of OpenAI's API reference; our ext
 under an `# -- extensions` line. The OpenAI models are strict (`extra="forbid"`, no "5" -> 5
 coercion) as OpenAI's own API is: a misspelt parameter is a 400 naming it, not silently ignored.
 Parameters OpenAI defines that this server cannot honour are accepted only at their neutral value
-and refused otherwise. The llama.cpp `/infill` model is lenient (`extra="ignore"`, lax types),
-because llama.cpp clients (llama.vscode, llama.vim) send many server-specific knobs
-(`samplers`, `cache_prompt`, `t_max_prompt_ms`, `n_indent`, ...) that only tune llama.cpp.
+and refused otherwise. The llama.cpp models (`/infill`, `/completion`, `/tokenize`) are lenient
+(`extra="ignore"`, lax types) as llama.cpp's server is, because its clients (llama.vscode,
+llama.vim, Tabby) send server-specific knobs (`t_max_prompt_ms`, `dry_*`, `lora`, ...); the fields
+this server reads are declared, and docs/serving.md says which of them only tune llama.cpp.
 
 Every text field rejects strings that are not valid Unicode (a JSON `\\ud800` escape decodes to a
 lone surrogate that no tokenizer can encode). Errors leave the server as
@@ -25,6 +26,7 @@ from codegemma.engine import SamplingParams
 INT64 = 2**63
 UINT64 = 2**64
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # OpenAI allows 5 for completions; vLLM's default limit is 20
 
 
 class APIError(Exception):
@@ -171,7 +173,9 @@ class CompletionRequest(_OpenAIRequest):
     echo: bool = False
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="per generated repeat")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
-    logprobs: None = Field(None, description="not supported: must be null")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and its top-k"
+    )
     max_tokens: int | None = Field(None, ge=0, description="default 16")
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="once generated")
@@ -290,16 +294,19 @@ class ExtraChunk(BaseModel):
     text: Text
 
 
-class InfillRequest(BaseModel):
-    """POST /infill, llama.cpp's fields. `prompt` is text typed after `input_prefix` (llama.vscode
-    sends the cursor line there), so the prefix the model completes is input_prefix + prompt."""
+# llama.cpp's names for the samplers this server implements, in `samplers` lists and in its
+# one-character form ("kp"); the others (dry, typ_p, min_p, xtc, infill, ...) have nothing to turn
+# off here. Temperature is not switched by the list: see docs/serving.md.
+SAMPLER_NAMES = {"top_k": "top_k", "k": "top_k", "top_p": "top_p", "p": "top_p"}
+SAMPLER_NAMES |= {"penalties": "penalties", "e": "penalties"}
+
+
+class LlamaCppRequest(BaseModel):
+    """What llama.cpp's `/completion` and `/infill` share, with its names. Differences in
+    defaults: temperature 0 (greedy), not 0.8; top_k 0 and top_p 1 (off), not 40 and 0.95."""
 
     model_config = ConfigDict(extra="ignore")
-    input_prefix: Text = ""
-    input_suffix: Text = ""
-    input_extra: list[ExtraChunk] = Field(default_factory=list)
-    prompt: Text = ""
-    n_predict: int = Field(-1, ge=-1, description="-1 = the server's limit; 0 = no generation")
+    n_predict: int = Field(-1, ge=-1, description="-1 = the server's limit; 0 = prompt only")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="default 0 (greedy), not 0.8")
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -309,25 +316,161 @@ class InfillRequest(BaseModel):
     seed: int = Field(-1, ge=-1, lt=UINT64, description="-1 = random")
     stop: list[Text] = Field(default_factory=list)
     stream: bool = False
-    t_max_predict_ms: int = Field(0, ge=0, description="time limit for generation; 0 = none")
+    n_indent: int = Field(0, ge=0, description="end at a line indented less than this")
+    t_max_predict_ms: int = Field(0, ge=0, description="end at a newline after this time")
+    n_probs: int = Field(0, ge=0, le=MAX_LOGPROBS, description="completion_probabilities")
+    post_sampling_probs: bool = False
+    ignore_eos: bool = Field(False, description="generate exactly n_predict tokens")
+    samplers: list[str] | str | None = Field(None, description="which samplers may act")
+    cache_prompt: bool = True
+    id_slot: int = Field(-1, ge=-1)
+    return_tokens: bool = False
+    response_fields: list[str] | None = None
+    n_cmpl: int = Field(1, ge=1, description="completions of the prompt")
+    # constraints this server cannot apply: refused unless empty, rather than silently ignored
+    grammar: Any = Field(None, description="not supported: must be empty")
+    json_schema: Any = Field(None, description="not supported: must be empty")
+    logit_bias: Any = Field(None, description="not supported: must be empty")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: list[str]) -> list[str]:
         return _check_stops(stop)
 
+    @field_validator("grammar", "json_schema", "logit_bias")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported by this server; leave it out")
+        return value
+
+    @field_validator("post_sampling_probs")
+    @classmethod
+    def _pre_sampling_only(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "is not supported: n_probs reports the model's log-probabilities before "
+                "sampling; leave post_sampling_probs out"
+            )
+        return value
+
+    def enabled(self, sampler: str) -> bool:
+        """Whether `samplers` lets one of ours act: all do when the list is left out."""
+        if self.samplers is None:
+            return True
+        names = list(self.samplers) if isinstance(self.samplers, str) else self.samplers
+        return sampler in {SAMPLER_NAMES.get(n) for n in names}
+
     def to_sampling_params(
-        self, *, max_new_tokens: int, stop_token_ids: frozenset[int], stop_strings: Sequence[str]
+        self,
+        *,
+        max_new_tokens: int,
+        stop_token_ids: frozenset[int],
+        stop_strings: Sequence[str],
+        seed_offset: int = 0,
     ) -> SamplingParams:
+        penalties = self.enabled("penalties")
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repeat_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed < 0 else self.seed,
+            top_k=self.top_k if self.enabled("top_k") else 0,
+            top_p=self.top_p if self.enabled("top_p") else 1.0,
+            repetition_penalty=self.repeat_penalty if penalties else 1.0,
+            presence_penalty=self.presence_penalty if penalties else 0.0,
+            frequency_penalty=self.frequency_penalty if penalties else 0.0,
+            seed=None if self.seed < 0 else (self.seed + seed_offset) % UINT64,
             stop_token_ids=stop_token_ids,
             stop_strings=tuple(stop_strings),
         )
+
+    def settings(self) -> dict[str, Any]:
+        """The `generation_settings` of a response: the fields as this server used them."""
+        return {
+            "n_predict": self.n_predict,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_k": self.top_k if self.enabled("top_k") else 0,
+            "top_p": self.top_p if self.enabled("top_p") else 1.0,
+            "repeat_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": list(self.stop),
+            "n_indent": self.n_indent,
+            "t_max_predict_ms": self.t_max_predict_ms,
+            "n_probs": self.n_probs,
+            "ignore_eos": self.ignore_eos,
+            "stream": self.stream,
+            "samplers": [s for s in ("penalties", "top_k", "top_p") if self.enabled(s)]
+            + ["temperature"],
+        }
+
+
+class InfillRequest(LlamaCppRequest):
+    """POST /infill. `prompt` is text typed after `input_prefix` (llama.vscode and llama.vim send
+    the cursor line there), so the prefix the model completes is input_prefix + prompt."""
+
+    input_prefix: Text = ""
+    input_suffix: Text = ""
+    input_extra: list[ExtraChunk] = Field(default_factory=list)
+    prompt: Text = ""
+
+
+LlamaPrompt = Text | list[int | Text]
+
+
+class LlamaCompletionRequest(LlamaCppRequest):
+    """POST /completion: llama.cpp's raw completion. `prompt` is a text, token ids, a list mixing
+    both (one prompt), or a list of texts or of such lists (one result per prompt)."""
+
+    prompt: LlamaPrompt | list[LlamaPrompt]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_ids(cls, prompt: Any) -> Any:
+        for p in cls._split(prompt):
+            if p == "" or p == []:
+                raise ValueError("must be a non-empty text or list of token ids")
+            bad = next(
+                (i for i in ([] if isinstance(p, str) else p) if isinstance(i, int) and i < 0), None
+            )
+            if bad is not None:
+                raise ValueError(f"token id {bad} is invalid: {TOKEN_IDS}")
+        return prompt
+
+    @staticmethod
+    def _split(prompt: Any) -> list[str | list[int | str]]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and any(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # one prompt mixing ids and texts
+        return [p if isinstance(p, str) else list(p) for p in prompt] or [[]]
+
+    def prompts(self) -> list[str | list[int | str]]:
+        return self._split(self.prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: llama.cpp's fields (`content`, `add_special`), or vLLM's (`prompt`,
+    `add_special_tokens`), which lm-evaluation-harness's remote tokenizer sends."""
+
+    model_config = ConfigDict(extra="ignore")
+    content: Text | None = None
+    prompt: Text | None = None
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    parse_special: bool = True
+    with_pieces: bool = False
+
+    def text(self) -> str:
+        if self.content is None and self.prompt is None:
+            raise APIError(400, "send the text to tokenize as `content`", param="content")
+        return self.content if self.content is not None else self.prompt  # type: ignore[return-value]
+
+    @property
+    def bos(self) -> bool:
+        return bool(self.add_special or self.add_special_tokens)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int] = Field(..., description="token ids")

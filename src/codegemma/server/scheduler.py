@@ -16,25 +16,33 @@ goes through the inbox too, so the engine is only ever touched by its own thread
 raises, every live sequence is failed (its handler answers 500) and cancelled, which frees its
 slot; the thread carries on serving.
 
+`call(fn)` runs other work that needs the model (scoring.py's log-probabilities) on the same
+thread, between two engine steps, and resolves an awaitable with its result; it counts against
+the same admission bound as a sequence. Each sequence's `SequenceTiming` (when its prefill step
+ran, when it finished) is recorded on the engine thread before its events are delivered, for
+llama.cpp's `timings`.
+
 The scheduler knows nothing of metrics: it reports what happens to the `SchedulerEvents` sink it
 is given (the server's `prometheus.SchedulerMetrics`), and `load()` is a read-only snapshot of
-its occupancy for gauges and /health.
+its occupancy for gauges and /health (`progress()` one of each live sequence, for /slots).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from codegemma.engine import Engine, Event, GenerationResult, SamplingParams
 
 log = logging.getLogger("codegemma.server")
+T = TypeVar("T")
 
 
 class Overloaded(Exception):
@@ -86,6 +94,36 @@ class Load:
     queue_depth: int  # sequences admitted and waiting for a slot
 
 
+@dataclass
+class SequenceTiming:
+    """perf_counter() times of one sequence, written by the engine thread: `prefill_start` and
+    `prefill_end` bound the engine step that prefilled it (and chose its first token)."""
+
+    submitted: float
+    prefill_start: float | None = None
+    prefill_end: float | None = None
+    finished: float | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One live sequence, for /slots: its request's submission order and tokens so far."""
+
+    group: int
+    index: int
+    active: bool  # holds an engine slot (else queued)
+    generated: int
+    max_new_tokens: int
+    has_new_line: bool  # its text has a newline
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
 @dataclass(frozen=True)
 class _Job:
     submission: Submission
@@ -102,6 +140,7 @@ class Submission:
         self.request_ids = [(group, i) for i in range(count)]
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.timings = [SequenceTiming(self.submitted_at) for _ in range(count)]
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[list] = asyncio.Queue()
         self._unfinished = set(self.request_ids)
@@ -147,7 +186,11 @@ class Scheduler:
         self._cond = threading.Condition()
         self._inbox: list[_Job] = []
         self._cancels: list[Hashable] = []
+        self._calls: list[_Call] = []
         self._live: dict[Hashable, Submission] = {}  # request id -> its submission (engine thread)
+        # request id -> [tokens generated, max_new_tokens, holds a slot, has a newline]
+        self._progress: dict[Hashable, list[int]] = {}
+        self._progress_lock = threading.Lock()
         self._in_flight = 0
         self._groups = itertools.count()
         self._stopping = False
@@ -189,6 +232,22 @@ class Scheduler:
             queue_depth=max(0, in_flight - active),
         )
 
+    def progress(self) -> list[Progress]:
+        """Every live sequence, oldest request first."""
+        with self._progress_lock:
+            items = sorted((rid, list(v)) for rid, v in self._progress.items())
+        return [
+            Progress(
+                group=g,
+                index=i,
+                active=bool(a),
+                generated=n,
+                max_new_tokens=m,
+                has_new_line=bool(nl),
+            )
+            for (g, i), (n, m, a, nl) in items
+        ]
+
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         with self._start_lock:
@@ -227,30 +286,68 @@ class Scheduler:
             self._cancels.append(request_id)
             self._cond.notify()
 
+    def call(self, fn: Callable[[], T]) -> Awaitable[T]:
+        """Run fn() on the engine thread between two steps; await the result (its exception is
+        raised as GenerationFailed). Raises Overloaded as `submit` does."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._in_flight + 1 > self.capacity:
+                raise Overloaded(
+                    f"the server is at capacity ({self._in_flight} sequences in flight, "
+                    f"{self.slots} slots + {self.max_queue} queued); retry shortly"
+                )
+            self._calls.append(_Call(fn, loop, future))
+            self._in_flight += 1
+            self._cond.notify()
+        return future
+
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not (
-                    self._inbox or self._cancels or self._stopping or self.engine.has_work()
+                    self._inbox
+                    or self._cancels
+                    or self._calls
+                    or self._stopping
+                    or self.engine.has_work()
                 ):
                     self._cond.wait()
                 if self._stopping:
                     break
                 jobs, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                calls, self._calls = self._calls, []
             self._admit(jobs)
             for request_id in cancels:
                 if request_id in self._live:
                     self.engine.cancel(request_id)
+            for call in calls:
+                self._run_call(call)
+            if not self.engine.has_work():
+                continue
+            started = time.perf_counter()
             try:
                 events = self.engine.step()
             except Exception as exc:  # keep serving: fail what was running, free its slots
                 log.exception("engine step failed; failing %d live sequences", len(self._live))
                 self._fail_all(exc)
                 continue
-            self._route(events)
+            self._route(events, started, time.perf_counter())
         self._fail_all(GenerationFailed("the server is shutting down"))
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result, error = call.fn(), None
+        except Exception as exc:
+            log.exception("work on the engine thread failed")
+            result, error = None, GenerationFailed(f"{type(exc).__name__}: {exc}")
+        with self._cond:
+            self._in_flight -= 1
+        with contextlib.suppress(RuntimeError):  # the loop was closed: nobody is waiting
+            call.loop.call_soon_threadsafe(_resolve, call.future, result, error)
 
     def _admit(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -261,15 +358,28 @@ class Scheduler:
                 job.submission._deliver([GenerationFailed(str(exc))])
                 continue
             self._live[job.request_id] = job.submission
+            with self._progress_lock:
+                self._progress[job.request_id] = [0, job.params.max_new_tokens, 0, 0]
             self.events.admitted(len(job.prompt))
 
-    def _route(self, events: list[Event]) -> None:
+    def _route(self, events: list[Event], started: float, ended: float) -> None:
         by_submission: dict[int, tuple[Submission, list[Event]]] = {}
         for event in events:
             submission = self._live.get(event.request_id)
             if submission is None:
                 continue
             by_submission.setdefault(id(submission), (submission, []))[1].append(event)
+            timing = submission.timings[event.request_id[1]]
+            if timing.prefill_end is None:  # a sequence's first event comes from its prefill
+                timing.prefill_start, timing.prefill_end = started, ended
+            if event.finished:
+                timing.finished = ended
+            with self._progress_lock:
+                progress = self._progress.get(event.request_id)
+                if progress is not None:
+                    progress[0] += event.token_id is not None
+                    progress[2] = 1
+                    progress[3] |= "\n" in event.delta
         finished = [e.request_id for e in events if e.finished and e.request_id in self._live]
         self._record(events)
         self._finish_ids(finished)  # before delivery: a client that sees its end finds it freed
@@ -293,14 +403,23 @@ class Scheduler:
     def _finish_ids(self, request_ids: list[Hashable]) -> None:
         for request_id in request_ids:
             self._live.pop(request_id, None)
+        with self._progress_lock:
+            for request_id in request_ids:
+                self._progress.pop(request_id, None)
         with self._cond:
             self._in_flight -= len(request_ids)
 
     def _fail_all(self, exc: BaseException) -> None:
-        """Fail every live sequence and every queued job, cancelling them in the engine."""
+        """Fail every live sequence, queued job and pending call, cancelling them in the engine."""
         with self._cond:
             jobs, self._inbox = self._inbox, []
+            calls, self._calls = self._calls, []
             self._cancels.clear()
+            self._in_flight -= len(calls)
+        for call in calls:
+            error = exc if isinstance(exc, GenerationFailed) else GenerationFailed(str(exc))
+            with contextlib.suppress(RuntimeError):
+                call.loop.call_soon_threadsafe(_resolve, call.future, None, error)
         failed = list(self._live.items()) + [(j.request_id, j.submission) for j in jobs]
         for request_id, _ in list(self._live.items()):
             self.engine.cancel(request_id)
@@ -319,3 +438,12 @@ class Scheduler:
             if id(submission) not in notified:
                 notified.add(id(submission))
                 submission._deliver([error])
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiting request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

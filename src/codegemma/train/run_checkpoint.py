@@ -48,6 +48,7 @@ from codegemma.errors import CodegemmaError, TrainCheckpointError
 from codegemma.fileio import write_text_atomic
 from codegemma.model import GemmaForCausalLM
 from codegemma.tokenizer import Tokenizer
+from codegemma.train.tokenizer_trainer import GEMMA_CHAT_TEMPLATE
 
 log = logging.getLogger("codegemma.train")
 
@@ -173,8 +174,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: str | os.PathLike | None,
     keep: int,
+    chat: bool = False,
 ) -> Path:
-    """Write checkpoint `step` atomically (rank 0 only); keep the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically (rank 0 only); keep the newest `keep` complete ones.
+    `chat`: the run fine-tunes for chat (SFT), so the model's tokenizer_config.json carries Gemma's
+    chat template, which marks a chat model (checkpoint.chat_template); otherwise it carries none."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -185,7 +189,7 @@ def save_checkpoint(
         holder.load_state_dict(model_state, strict=True, assign=True)
         save_model(holder, model_config, tmp / MODEL)
         if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp / MODEL)
+            _copy_tokenizer(Path(tokenizer_dir), tmp / MODEL, chat=chat)
         _save_state(trainer_state, tmp / STATE)
         write_text_atomic(tmp / COMPLETE, _marker(tmp, step))
         fsync_dir(tmp)
@@ -201,13 +205,21 @@ def save_checkpoint(
     return final
 
 
-def _copy_tokenizer(src: Path, model_dir: Path) -> None:
-    """The tokenizer files of a directory (or of the directory of a given tokenizer file)."""
+def _copy_tokenizer(src: Path, model_dir: Path, *, chat: bool) -> None:
+    """The tokenizer files of a directory (or of the directory of a given tokenizer file), with
+    the chat template in tokenizer_config.json only for a chat model."""
     names = set(TOKENIZER_FILES) | ({src.name} if src.is_file() else set())
     folder = src if src.is_dir() else src.parent
     for name in sorted(names):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, model_dir / name)
+    config_file = model_dir / "tokenizer_config.json"  # in the checkpoint's temporary directory
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.pop("chat_template", None)
+        if chat:
+            config["chat_template"] = GEMMA_CHAT_TEMPLATE
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:

@@ -55,6 +55,8 @@ FIRST_LEARNED_ID = len(RESERVED_TOKENS) + len(BYTE_TOKENS)  # 364
 _TRAIN_SPLIT = r"▁{2,}|▁?[^▁\s\p{L}\p{N}]+[\r\n]*|▁?\p{L}+|\p{N}|[\r\n]+|▁|\s+"
 
 # The official Gemma / CodeGemma-7B-IT chat template (system role rejected, assistant -> model).
+# Every tokenizer written here carries it (transformers builds chat prompts from it); a model
+# checkpoint keeps it only from an SFT run, as it marks a chat model (train/run_checkpoint.py).
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
     "{{ raise_exception('System role not supported') }}{% endif %}"

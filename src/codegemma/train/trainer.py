@@ -315,6 +315,7 @@ def save(run: Run) -> Path | None:
             trainer_state=trainer_state,
             tokenizer_dir=run.tokenizer_dir,
             keep=run.cfg.keep_checkpoints,
+            chat=run.cfg.task == "sft",
         )
     barrier(run.world)
     return path
