@@ -406,11 +406,10 @@ def test_a_failed_step_forgets_what_the_rows_held(monkeypatch):
     engine.generate([prompt], params)
     engine.submit(prompt, params, request_id="x")
     engine.step()  # prefill (from the cache)
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        engine.step()  # the decode fails half-way, as far as the engine can tell
-    monkeypatch.setattr(model, "forward", forward)
+    with monkeypatch.context() as m:  # the decode step's forward (kernel or modules) fails
+        m.setattr(engine, "_forward", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            engine.step()  # the decode fails half-way, as far as the engine can tell
     engine.cancel("x")
     engine.step()
     again = engine.generate([prompt], params)[0]

@@ -1,5 +1,6 @@
-"""The CPU decode kernels: same results as torch's ops, used only where they may be, and a model
-that decodes the same with them as without them."""
+"""The CPU decode kernels: same results as torch's ops, and an engine that decodes the same with
+its decode step (kernels.step.DecodeStep) as through the model's modules. Quantized matrices:
+tests/test_quant_kernels.py."""
 
 import copy
 import os
@@ -11,16 +12,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_support import BF16_EPS, isa_variants, needs_kernels, variant_library
 
 from codegemma import kernels
 from codegemma.config import ModelConfig
 from codegemma.engine import Engine, SamplingParams
-from codegemma.model import GemmaForCausalLM, RMSNorm, apply_rotary
-
-needs_kernels = pytest.mark.skipif(
-    kernels.library() is None, reason="kernels unavailable here (no C compiler or not x86-64)"
-)
-BF16_EPS = 2.0**-8  # bf16 has 8 bits of precision: round-to-nearest is within half of 2^-7
+from codegemma.kernels.step import DecodeStep
+from codegemma.model import GemmaForCausalLM
 
 
 @pytest.fixture
@@ -133,69 +131,14 @@ def test_gemv_without_kernels_says_so(no_kernels):
         kernels.gemv(torch.randn(1, 8), torch.randn(4, 8))
 
 
-@needs_kernels
-def test_linear_takes_torch_where_the_kernel_must_not_run():
-    w = torch.randn(6, 8, requires_grad=True)
-    x = torch.randn(1, 8)
-    y = kernels.linear(x, w)  # autograd: torch's op, so the gradient flows
-    assert y.grad_fn is not None
-    y.sum().backward()
-    assert w.grad is not None
-    with torch.no_grad():
-        many = torch.randn(kernels.MAX_ROWS[torch.float32] + 1, 8)  # prefill-sized: torch's GEMM
-        torch.testing.assert_close(kernels.linear(many, w), F.linear(many, w))
-        half = kernels.linear(x.half(), w.half())  # fp16: torch
-        assert half.dtype == torch.float16
-        b = torch.randn(6)
-        torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-
-
-def test_usable_refuses_grad_subclasses_mixed_dtypes_and_strides():
+def test_usable_refuses_grad_subclasses_devices_and_strides():
     x = torch.randn(2, 8)
-    assert kernels.usable(x.half()) is None
-    assert kernels.usable(x, x.bfloat16()) is None
     assert kernels.usable(x.t()) is None  # not contiguous
     assert kernels.usable(torch.randn(2, 8, requires_grad=True)) is None
+    assert kernels.usable(x, torch.randn(2, 8, device="meta")) is None
     with torch.no_grad():
         p = torch.nn.Parameter(torch.randn(2, 8))
         assert kernels.usable(p) is kernels.library()  # the grad is off: allowed if available
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 5, 96), (2, 300, 256)])  # one thread; OpenMP
-def test_rmsnorm_kernel_matches_the_torch_math(dtype, shape, monkeypatch):
-    norm = RMSNorm(shape[-1], 1e-6)
-    with torch.no_grad():
-        norm.weight.normal_(0, 0.5)
-    norm = norm.to(dtype)
-    x = (torch.randn(shape) * 4).to(dtype)
-    with torch.no_grad():
-        fused = norm(x)
-        monkeypatch.setattr(kernels, "library", lambda: None)
-        plain = norm(x)
-    assert fused.dtype == plain.dtype == dtype
-    if dtype == torch.float32:  # only the summation order of mean(x^2) differs
-        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    else:
-        assert (fused != plain).float().mean() < 0.01  # an ulp here and there
-        torch.testing.assert_close(fused, plain, rtol=2 * BF16_EPS, atol=1e-6)
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 5, 3, 16), (2, 128, 4, 64)])  # one thread; OpenMP
-def test_rotary_kernel_is_bit_identical_to_apply_rotary(dtype, shape):
-    """Same operations in the same order with the same roundings: exactly equal."""
-    B, T, H, D = shape
-    x = torch.randn(B, T, H, D).to(dtype)
-    angles = torch.rand(B, T, D // 2) * 50
-    emb = torch.cat((angles, angles), -1)
-    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-    expected = apply_rotary(x.transpose(1, 2), cos, sin)
-    lib = kernels.usable(x, cos, sin)
-    got = kernels.rotary_(lib, x.clone(), cos, sin).transpose(1, 2)
-    assert torch.equal(got, expected)
 
 
 def tiny_model(dtype: torch.dtype) -> GemmaForCausalLM:
@@ -203,53 +146,68 @@ def tiny_model(dtype: torch.dtype) -> GemmaForCausalLM:
     return GemmaForCausalLM(config).init_weights(std=0.3, seed=0).to(dtype).eval()
 
 
+@pytest.fixture
+def kernel_matmuls(monkeypatch):
+    """The modules' matmuls through the same float kernel the decode step uses (where it takes
+    the rows), so that a comparison of the two paths sees every other rounding."""
+    linear = F.linear
+
+    def via_kernel(x, w, bias=None):
+        if (
+            bias is None
+            and x.dtype == w.dtype
+            and x.numel() <= kernels.max_rows(x.dtype, x.shape[-1]) * x.shape[-1]
+        ):
+            return kernels.gemv(x, w)
+        return linear(x, w, bias)
+
+    monkeypatch.setattr(F, "linear", via_kernel)
+
+
+def engine_without_step(monkeypatch) -> None:
+    """Engines built from here on decode through the model's modules."""
+    monkeypatch.setattr(DecodeStep, "build", classmethod(lambda cls, model, cache: None))
+
+
 @needs_kernels
-def test_model_logits_and_greedy_decoding_are_the_same_with_and_without_kernels(monkeypatch):
+def test_engine_logits_and_greedy_decoding_are_the_same_with_and_without_kernels(monkeypatch):
     model = tiny_model(torch.float32)
     ids = torch.randint(
         3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)
     )
     prompts = [ids[0].tolist(), ids[0, :7].tolist()]
     params = SamplingParams(max_new_tokens=24)
-    with torch.no_grad():
+    with torch.inference_mode():
         cache = model.new_cache(1, 32)
         model(ids[:, :-1], cache=cache)
-        step = model(ids[:, -1:], torch.tensor([[11]]), cache)  # a decode step: kernels
+        step = DecodeStep.build(model, cache)(ids[:, -1:], torch.tensor([[11]]), None)
+        full = model(ids)[:, -1:]  # no cache, all torch
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
     fused = Engine(model, max_batch_size=2).generate(prompts, params)
     monkeypatch.setattr(kernels, "library", lambda: None)
-    with torch.no_grad():
-        full = model(ids)[:, -1:]  # no cache, all torch
     plain = Engine(model, max_batch_size=2).generate(prompts, params)
-    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
     assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
 
 
 @needs_kernels
-def test_bf16_model_decoding_stays_within_bf16_error_of_fp32():
+def test_bf16_decode_step_stays_within_bf16_error_of_fp32():
     fp32, bf16 = tiny_model(torch.float32), tiny_model(torch.bfloat16)
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.inference_mode():
         outs = []
         for m in (fp32, bf16):
             cache = m.new_cache(1, 16)
             m(ids[:, :-1], cache=cache)
-            outs.append(m(ids[:, -1:], torch.tensor([[8]]), cache).float())
+            outs.append(DecodeStep.build(m, cache)(ids[:, -1:], torch.tensor([[8]]), None).float())
     ref, got = outs
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "flags, isa",
-    [(("-mno-avx512bf16",), 2), (("-mno-avx512f",), 1)],
-    ids=["avx512", "avx2"],
-)
-def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa, monkeypatch):
+@isa_variants
+def test_every_instruction_set_variant_computes_the_same(flags, isa, monkeypatch):
     """The variants other CPUs get, built and run here (this CPU runs the lower ISAs too)."""
-    if isa >= kernels.library().isa:
-        pytest.skip("this CPU builds that variant by default (tested above)")
-    lib = kernels._Library(kernels.build(tmp_path, extra_flags=flags))
-    assert lib.isa == isa
+    lib = variant_library(flags, isa)
     g = torch.Generator().manual_seed(isa)
     long = [(3, 6, 16411), (1, 5, 9000)]  # rows longer than KLONG: two at a time, odd one alone
     for m, n, k in [(1, 1, 1), (3, 5, 17), (4, 33, 100), (16, 64, 256), (2, 7, 2053), *long]:
@@ -264,16 +222,10 @@ def test_every_instruction_set_variant_computes_the_same(tmp_path, flags, isa, m
             err = (kernels._gemv(lib, x, w).double() - exact).abs()
             eps = 1e-5 if dtype == torch.float32 else BF16_EPS
             assert (err <= eps * exact.abs() + 1e-5 * k).all(), (isa, m, n, k, dtype)
-    x = torch.randn(2, 3, 4, 16, generator=g)
-    angles = torch.rand(2, 3, 8, generator=g) * 50
-    emb = torch.cat((angles, angles), -1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-    expected = apply_rotary(x.transpose(1, 2), cos, sin)
-    assert torch.equal(kernels.rotary_(lib, x.clone(), cos, sin).transpose(1, 2), expected)
     monkeypatch.setattr(kernels, "library", lambda: lib)  # the whole decode step, this variant
     for dtype in (torch.float32, torch.bfloat16):
         ids, pos = torch.tensor([[5], [9]]), torch.tensor([[3], [6]])
-        fused, plain, *_ = decode_both(tiny_model(dtype), ids, pos, None, 2, 8, monkeypatch)
+        fused, plain, *_ = decode_both(tiny_model(dtype), ids, pos, None, 2, 8)
         assert_logits_close(fused, plain, dtype)
 
 
@@ -302,9 +254,11 @@ def test_kernels_off_by_environment_and_without_compiler_fall_back_quietly(tmp_p
     """In a fresh process: CODEGEMMA_KERNELS=0, or a broken compiler, leaves plain torch."""
     code = (
         "import torch; from codegemma import kernels, load; "
-        "x = torch.randn(1, 8); w = torch.randn(4, 8); "
-        "assert kernels.isa() is None; "
-        "assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w)); print('ok')"
+        "from codegemma.config import ModelConfig; from codegemma.model import GemmaForCausalLM; "
+        "from codegemma.kernels.step import DecodeStep; "
+        "assert kernels.isa() is None and kernels.library() is None; "
+        "m = GemmaForCausalLM(ModelConfig.preset('tiny')).eval(); "
+        "assert DecodeStep.build(m, m.new_cache(1, 8)) is None; print('ok')"
     )
     for env in ({"CODEGEMMA_KERNELS": "0"}, {"CC": "false", "XDG_CACHE_HOME": str(tmp_path)}):
         out = subprocess.run(
@@ -314,12 +268,7 @@ def test_kernels_off_by_environment_and_without_compiler_fall_back_quietly(tmp_p
         assert out.stdout.strip() == "ok"
 
 
-# -- the whole decode step in one call (kernels.DecodeStep, used by GemmaForCausalLM) -------------
-def modules_only(monkeypatch) -> None:
-    """Decode through the torch modules (whose matmuls still use the kernels)."""
-    monkeypatch.setattr(GemmaForCausalLM, "_decode_step", lambda self, cache, batch: None)
-
-
+# -- the whole decode step in one call (kernels.step.DecodeStep, built by the engine) ------------
 def random_cache(model: GemmaForCausalLM, rows: int, length: int, seed: int):
     """A cache full of random keys and values (as if earlier tokens had been prefilled)."""
     cache = model.new_cache(rows, length)
@@ -330,22 +279,21 @@ def random_cache(model: GemmaForCausalLM, rows: int, length: int, seed: int):
     return cache
 
 
-def decode_both(model, ids, pos, rows, cache_rows, cache_len, monkeypatch, seed=0):
-    """One decode step fused and through the modules, each on its own copy of the same cache:
-    (fused logits, module logits, fused cache, module cache, the untouched original)."""
+def decode_both(model, ids, pos, rows, cache_rows, cache_len, seed=0):
+    """One decode step by DecodeStep and through the modules, each on its own copy of the same
+    cache: (step logits, module logits, step cache, module cache, the untouched original)."""
     caches = [random_cache(model, cache_rows, cache_len, seed) for _ in range(3)]
+    step = DecodeStep.build(model, caches[0])
+    assert step is not None, "no decode step for this model"
     with torch.inference_mode():
-        fused = model(ids, pos, caches[0], rows=rows)
-        assert caches[0].__dict__.get("decode_step") is not None, "the fused step did not run"
-        with monkeypatch.context() as m:
-            modules_only(m)
-            plain = model(ids, pos, caches[1], rows=rows)
+        fused = step(ids, pos, rows)
+        plain = model(ids, pos, caches[1], rows=rows)
     return fused, plain, *caches
 
 
 def assert_logits_close(fused, plain, dtype):
     assert fused.shape == plain.shape and fused.dtype == plain.dtype == dtype
-    if dtype == torch.float32:  # the matmuls are the same kernel; attention's sums differ
+    if dtype == torch.float32:  # the matmuls' and attention's sums differ in order
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     else:  # a bf16 ulp in an attention output or gelu moves later roundings by an ulp or two
         scale = plain.float().abs().max()
@@ -359,18 +307,20 @@ def assert_logits_close(fused, plain, dtype):
     heads=st.sampled_from([(4, 1), (4, 2), (2, 2), (6, 3)]),  # MQA, GQA, MHA
     head_dim=st.sampled_from([6, 16, 40, 72]),  # tails shorter than a vector, and longer
     batch=st.integers(1, 8),  # fp32: up to two passes of MCHUNK activation rows
+    tokens=st.integers(1, 3),  # several tokens of one row: a draft being verified
     spare_rows=st.integers(0, 3),
     scattered=st.booleans(),
-    cache_len=st.integers(1, 40),
+    cache_len=st.integers(3, 40),
     seed=st.integers(0, 2**16),
 )
 def test_decode_step_matches_the_modules(
-    dtype, heads, head_dim, batch, spare_rows, scattered, cache_len, seed
+    dtype, heads, head_dim, batch, tokens, spare_rows, scattered, cache_len, seed
 ):
-    """Any rows of the cache (a slice, or scattered ids), each at its own position: the same
-    logits as the module path, the same keys/values written at exactly (row, position) of every
-    layer, and nothing else in the cache touched."""
-    batch = min(batch, kernels.MAX_ROWS[dtype])
+    """Any rows of the cache (a slice, or scattered ids), each at its own positions (one token, or
+    a run of them, each seeing those before it): the same logits as the module path, the same
+    keys/values written at exactly (row, position) of every layer, and nothing else touched."""
+    model_rows = kernels.max_rows(dtype, head_dim)
+    batch = max(1, min(batch, model_rows // tokens))
     config = ModelConfig.preset("tiny").replace(
         num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim
     )
@@ -382,35 +332,33 @@ def test_decode_step_matches_the_modules(
     else:
         start = int(torch.randint(0, spare_rows + 1, (1,), generator=g))
         rows = slice(start, start + batch)
-    ids = torch.randint(0, config.vocab_size, (batch, 1), generator=g)
-    pos = torch.randint(0, cache_len, (batch, 1), generator=g)
-    with pytest.MonkeyPatch.context() as mp:
-        fused, plain, fused_cache, plain_cache, original = decode_both(
-            model, ids, pos, rows, cache_rows, cache_len, mp, seed
-        )
+    ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=g)
+    first = torch.randint(0, cache_len - tokens + 1, (batch, 1), generator=g)
+    pos = first + torch.arange(tokens)
+    fused, plain, fused_cache, plain_cache, original = decode_both(
+        model, ids, pos, rows, cache_rows, cache_len, seed
+    )
     assert_logits_close(fused, plain, dtype)
     row_ids = torch.arange(cache_rows)[rows] if isinstance(rows, slice) else rows
     written = torch.zeros(cache_rows, cache_len, dtype=torch.bool)
-    written[row_ids, pos[:, 0]] = True
+    written[row_ids[:, None], pos] = True
     for i, (a, b, o) in enumerate(
         zip(fused_cache.layers, plain_cache.layers, original.layers, strict=True)
     ):
         for got, expected, before in ((a.k, b.k, o.k), (a.v, b.v, o.v)):
             mask = written[:, None, :, None].expand_as(got)
             assert torch.equal(got[~mask], before[~mask]), f"layer {i}: wrote outside its slots"
-            if i == 0:  # same kernel, same input: the same bits
-                assert torch.equal(got[mask], expected[mask])
-            else:
-                assert_logits_close(got[mask], expected[mask], dtype)
+            assert_logits_close(got[mask], expected[mask], dtype)
 
 
 @needs_kernels
 @pytest.mark.parametrize("heads", [(4, 1), (4, 2)])
-def test_decode_step_rounds_where_the_modules_round(heads, monkeypatch):
-    """At position 0 attention reads one key (its softmax is exactly 1) and every other piece is
-    the same kernel in both paths, so in bf16 only a tanh ulp could tell the two apart: the logits
-    agree bit for bit (here all of them; a missing rounding, e.g. of gelu's output, changes most).
-    This pins every rounding but those inside the softmax."""
+def test_decode_step_rounds_where_the_modules_round(heads, kernel_matmuls):
+    """At position 0 attention reads one key (its softmax is exactly 1) and, with the modules'
+    matmuls through the same kernel, every other piece is the same math in both paths, so in bf16
+    only a tanh ulp could tell the two apart: the logits agree bit for bit (here all of them; a
+    missing rounding, e.g. of gelu's output, changes most). This pins every rounding but those
+    inside the softmax."""
     differ = []
     for seed in range(6):
         config = ModelConfig.preset("tiny").replace(
@@ -420,7 +368,7 @@ def test_decode_step_rounds_where_the_modules_round(heads, monkeypatch):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, config.vocab_size, (3, 1), generator=g)
         fused, plain, *_ = decode_both(
-            model, ids, torch.zeros(3, 1, dtype=torch.long), None, 3, 8, monkeypatch, seed
+            model, ids, torch.zeros(3, 1, dtype=torch.long), None, 3, 8, seed
         )
         differ.append((fused != plain).float().mean().item())
     assert max(differ) <= 0.005, differ
@@ -433,7 +381,7 @@ def test_decode_step_rounds_where_the_modules_round(heads, monkeypatch):
     [(128, 8200, 32, 1), (128, 8200, 32, 3), (2048, 2048, 512, 3), (2048, 2048, 512, 8)],
 )
 def test_decode_step_with_a_team_of_threads_and_long_rows(
-    dtype, hidden, intermediate, head_dim, batch, monkeypatch
+    dtype, hidden, intermediate, head_dim, batch
 ):
     """Layers large enough that the step runs on two threads, with long weight rows: down_proj's
     (8200 values: two at a time for one row, blocks of rows for several), or every matrix's (2048:
@@ -449,7 +397,7 @@ def test_decode_step_with_a_team_of_threads_and_long_rows(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        fused, plain, *_ = decode_both(model, ids, pos, None, batch, 16, monkeypatch)
+        fused, plain, *_ = decode_both(model, ids, pos, None, batch, 16)
     finally:
         torch.set_num_threads(threads)
     assert_logits_close(fused, plain, dtype)
@@ -457,55 +405,67 @@ def test_decode_step_with_a_team_of_threads_and_long_rows(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_decoding_is_the_same_fused_and_through_the_modules(dtype, monkeypatch):
+def test_greedy_decoding_is_the_same_with_the_step_and_through_the_modules(dtype, monkeypatch):
     model = tiny_model(dtype)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 11, 8)]
     params = SamplingParams(max_new_tokens=24)
-    fused = Engine(model, max_batch_size=3).generate(prompts, params)
-    modules_only(monkeypatch)
+    engine = Engine(model, max_batch_size=3)
+    fused = engine.generate(prompts, params)
+    assert engine._step is not None
+    engine_without_step(monkeypatch)
     plain = Engine(model, max_batch_size=3).generate(prompts, params)
     assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
 
 
 @needs_kernels
-def test_decode_step_follows_weights_changed_in_place_replaced_or_converted(monkeypatch):
+def test_the_engine_follows_weights_changed_in_place_replaced_or_converted():
+    """The engine's step reads weights changed in place as they are, and is rebuilt at the next
+    prefill when the model's tensors were replaced (load_state_dict(assign=True), a new
+    Parameter, .to()): each generation equals a fresh engine's."""
     model = tiny_model(torch.float32)
-    ids, pos = torch.tensor([[7]]), torch.tensor([[3]])
+    prompts, params = [[2, 40, 41, 300, 7]], SamplingParams(max_new_tokens=12)
+    engine = Engine(model, max_batch_size=1, prefix_cache=False)
 
-    def check(dtype=torch.float32):
-        fused, plain, *_ = decode_both(model, ids, pos, None, 1, 8, monkeypatch)
-        assert_logits_close(fused, plain, dtype)
-        return fused
+    def check():
+        ours = engine.generate(prompts, params)[0].token_ids
+        assert ours == Engine(model, max_batch_size=1).generate(prompts, params)[0].token_ids
+        return ours, engine._step
 
-    first = check()
+    first, step = check()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(3)  # in place: the same memory
-    second = check()
+    second, same = check()
+    assert same is step and same.current(model, engine.cache)
     layer = model.model.layers[1].self_attn
     layer.o_proj.weight = torch.nn.Parameter(torch.randn_like(layer.o_proj.weight))  # replaced
-    third = check()
-    assert not torch.equal(first, second) and not torch.equal(second, third)
+    assert not step.current(model, engine.cache)
+    third, rebuilt = check()
+    assert rebuilt is not step
+    assert len({tuple(first), tuple(second), tuple(third)}) == 3
     model.load_state_dict(
         {k: torch.randn_like(v) * 0.3 for k, v in model.state_dict().items()}, assign=True
     )
     check()
     model.to(torch.bfloat16)  # every parameter's .data replaced
-    check(torch.bfloat16)
+    _, step = check()
+    assert step.dtype == torch.bfloat16
 
 
 @needs_kernels
-def test_a_model_and_cache_copied_after_decoding_decode_the_same():
+def test_a_model_and_cache_copied_decode_the_same_with_their_own_step():
     model = tiny_model(torch.float32)
     cache = random_cache(model, 1, 8, seed=0)
+    step = DecodeStep.build(model, cache)
     ids, pos = torch.tensor([[7]]), torch.tensor([[3]])
     with torch.inference_mode():
-        model(ids, pos, cache)
+        step(ids, pos, None)
     model2, cache2 = copy.deepcopy((model, cache))
+    assert copy.deepcopy(step) is None  # ctypes pointers are not copied: a copy builds its own
+    assert not step.current(model2, cache2)
+    step2 = DecodeStep.build(model2, cache2)
     with torch.inference_mode():
-        first, second = model(ids, pos + 1, cache), model2(ids, pos + 1, cache2)
-    assert torch.equal(first, second)
-    assert cache2.__dict__["decode_step"].owner() is model2
+        assert torch.equal(step(ids, pos + 1, None), step2(ids, pos + 1, None))
 
 
 def test_rows_the_kernel_takes_depend_on_the_dtype_and_the_row_length():
@@ -515,53 +475,41 @@ def test_rows_the_kernel_takes_depend_on_the_dtype_and_the_row_length():
 
 
 @needs_kernels
-def test_decode_step_steps_aside_where_it_must_not_run(monkeypatch):
-    """Too many rows, fp16, autograd: the modules run (and a gradient flows)."""
+def test_the_engine_steps_aside_where_the_kernel_must_not_run(monkeypatch):
+    """More tokens than the step takes, fp16, a cache of another dtype, a layer with a bias: no
+    step, or the modules for that forward; the tokens are the modules' either way."""
     calls = []
-    call = kernels.DecodeStep.__call__
-    monkeypatch.setattr(kernels.DecodeStep, "__call__", lambda *a: calls.append(1) or call(*a))
-    for dtype, batch in ((torch.bfloat16, kernels.MAX_ROWS[torch.bfloat16] + 1), (torch.half, 1)):
-        model = tiny_model(dtype)
-        cache = model.new_cache(batch, 8)
-        with torch.inference_mode():
-            out = model(torch.ones(batch, 1, dtype=torch.long), torch.zeros(batch, 1), cache)
-        assert out.shape == (batch, 1, model.config.vocab_size)
-        assert not calls
+    call = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda *a: calls.append(a[1].numel()) or call(*a))
+    fp16 = tiny_model(torch.half)
+    assert DecodeStep.build(fp16, fp16.new_cache(1, 8)) is None
     model = tiny_model(torch.float32)
-    cache = model.new_cache(1, 8)
-    with torch.inference_mode():
-        model(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache)
-    assert calls == [1]  # made and used: the next call finds it
-    out = model(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), cache)
-    assert calls == [1]
-    out.sum().backward()  # autograd on: the modules ran
-    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
-
-
-@needs_kernels
-def test_a_model_the_step_cannot_run_is_refused_once_and_decodes_through_the_modules(monkeypatch):
-    model = tiny_model(torch.float32)
-    down = model.model.layers[0].mlp.down_proj
-    down.bias = torch.nn.Parameter(torch.randn(down.out_features))  # not Gemma's: no kernel for it
-    made = []
-    make = GemmaForCausalLM._make_decode_step
-    monkeypatch.setattr(
-        GemmaForCausalLM, "_make_decode_step", lambda self, c: made.append(1) or make(self, c)
-    )
-    cache, plain_cache = model.new_cache(1, 8), model.new_cache(1, 8)
-    with torch.inference_mode():
-        outs = [model(torch.tensor([[4]]), torch.tensor([[p]]), cache) for p in range(3)]
-        assert len(made) == 1 and not cache.__dict__["decode_step"]
-        modules_only(monkeypatch)
-        plain = [model(torch.tensor([[4]]), torch.tensor([[p]]), plain_cache) for p in range(3)]
-    for a, b in zip(outs, plain, strict=True):
-        assert torch.equal(a, b)
+    assert DecodeStep.build(model, tiny_model(torch.bfloat16).new_cache(1, 8)) is None
+    biased = tiny_model(torch.float32)
+    down = biased.model.layers[0].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.randn(down.out_features))  # not Gemma's: no kernel
+    assert DecodeStep.build(biased, biased.new_cache(1, 8)) is None
+    rows = kernels.max_rows(torch.bfloat16, 16) + 1
+    prompts = [[2, 5 + i, 9] for i in range(rows)]
+    params = SamplingParams(max_new_tokens=4, stop_token_ids=())
+    for m, batch in ((fp16, 2), (biased, 2), (tiny_model(torch.bfloat16), rows)):
+        engine = Engine(m, max_batch_size=batch, speculative=False)
+        got = engine.generate(prompts, params)
+        with monkeypatch.context() as mp:
+            engine_without_step(mp)
+            want = Engine(m, max_batch_size=batch).generate(prompts, params)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    # bf16 with rows sequences: every decode step had one token too many for the step
+    assert not calls and engine._step is not None and engine.decode_stats.decode_steps == 3
+    Engine(model, max_batch_size=1, speculative=False).generate([[2, 5]], params)
+    assert calls == [1, 1, 1]  # the one-token steps after the prefill
 
 
 @needs_kernels
 def test_decode_step_rejects_out_of_range_input_and_writes_nothing():
     model = tiny_model(torch.float32)
     cache = random_cache(model, 2, 8, seed=0)
+    step = DecodeStep.build(model, cache)
     before = [layer.k.clone() for layer in cache.layers]
     bad = [
         (torch.tensor([[1], [model.config.vocab_size]]), torch.tensor([[0], [1]]), None),
@@ -572,5 +520,7 @@ def test_decode_step_rejects_out_of_range_input_and_writes_nothing():
     with torch.inference_mode():
         for ids, pos, rows in bad:
             with pytest.raises(IndexError, match="decode step out of range"):
-                model(ids, pos, cache, rows=rows)
+                step(ids, pos, rows)
+        with pytest.raises(ValueError, match="at most 16 rows"):
+            step(torch.ones(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long), None)
     assert all(torch.equal(layer.k, b) for layer, b in zip(cache.layers, before, strict=True))

@@ -23,6 +23,7 @@ from codegemma.config import ModelConfig
 from codegemma.engine import Engine, SamplingParams
 from codegemma.engine.sampling import draw, target_probs
 from codegemma.engine.speculative import DraftLength, PromptLookup, StepRates
+from codegemma.kernels.step import DecodeStep
 from codegemma.model import GemmaForCausalLM, KVCache, cache_mask
 
 VOCAB = 48
@@ -296,16 +297,18 @@ def test_the_tiny_model_keeps_drafts_and_verifies_through_both_paths(monkeypatch
     model = tiny_model()
     prompts, params = prompts_of([5, 17, 30], 1), SamplingParams(max_new_tokens=40)
     slow = Engine(model, max_batch_size=3, speculative=False).generate(prompts, params)
-    calls = []
-    run_step = model._run_decode_step
-    monkeypatch.setattr(model, "_run_decode_step", lambda *a: calls.append(1) or run_step(*a))
+    calls = []  # tokens per row of each decode-step kernel call
+    run_step = DecodeStep.__call__
+    monkeypatch.setattr(
+        DecodeStep, "__call__", lambda *a: calls.append(a[1].shape[1]) or run_step(*a)
+    )
     engine = Engine(model, max_batch_size=3, speculative=True)
     fast = engine.generate(prompts, params)
     assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
     stats = engine.decode_stats
     assert stats.accepted_draft_tokens > 0 and stats.tokens_per_step > 1.2
     if kernels.library() is not None:
-        assert len(calls) == stats.decode_steps - stats.verify_steps > 0
+        assert calls.count(1) == stats.decode_steps - stats.verify_steps > 0
 
 
 # -- sampling: exactly the target distribution -------------------------------------------------------

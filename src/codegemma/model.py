@@ -16,17 +16,16 @@ decoded side by side, and a server can put unrelated requests in different rows 
 position p attends to cache entries 0..p of its own row only, and padding written beyond a row's end
 is overwritten before it is ever attended to.
 
-Linear layers are `kernels.Linear` (an nn.Linear): decode-shaped matmuls on CPU go through a kernel
-that streams the weights at memory speed; everything else is F.linear. A one-token inference step
-with a KV cache on CPU (fp32/bf16, up to kernels.max_rows sequences) skips the modules altogether:
-`kernels.DecodeStep` runs the whole step, the same math, in one call (forward hooks on submodules
-do not fire there). The modules below stay the definition, and the path for everything else.
+Plain torch, as gpt-fast's model.py: no kernels are called from here. Speed is applied from outside:
+the engine (engine/engine.py) runs its decode steps on CPU through kernels.step.DecodeStep, the
+whole step in one call with this file's math, built from whatever weights the model holds; a
+direct call of this model with a cache always runs the modules.
 
 Quantized weights (quant.py: ggml's Q8_0, Q4_0, Q4_K, Q6_K blocks, e.g. from a GGUF file) replace
 the Linear layers and the embedding by `QuantizedLinear` / `QuantizedEmbedding`: the lookup
 dequantizes only the rows it reads, the tied output head multiplies by the quantized table, and
-the norms stay float in the compute dtype (`compute_dtype`). Such a model always runs the modules
-(plain torch); `kernels.DecodeStep` takes fp32/bf16 matrices only.
+the norms stay float in the compute dtype (`compute_dtype`). Those modules compute their matmuls
+themselves (quant.py: the dequantize-and-matmul reference, or CPU kernels for the same math).
 """
 
 from __future__ import annotations
@@ -39,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codegemma import kernels
 from codegemma.config import ModelConfig
-from codegemma.kernels import Linear, linear
 from codegemma.quant import QuantizedEmbedding, QuantizedMatrix, is_quantized
 
 
@@ -52,8 +49,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # stored raw; the scale is (1 + weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if lib := kernels.usable(x, self.weight):  # inference on CPU: the same math, one pass
-            return kernels.rms_norm(lib, x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
@@ -199,10 +194,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         d, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = Linear(d, q, bias=False)
-        self.k_proj = Linear(d, kv, bias=False)
-        self.v_proj = Linear(d, kv, bias=False)
-        self.o_proj = Linear(q, d, bias=False)
+        self.q_proj = nn.Linear(d, q, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
 
     def forward(
         self,
@@ -217,12 +212,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if lib := kernels.usable(q, k, cos, sin):  # inference on CPU: the same math, in place
-            q = kernels.rotary_(lib, q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-            k = kernels.rotary_(lib, k, cos, sin).transpose(1, 2)
-        else:
-            q = apply_rotary(q.transpose(1, 2), cos, sin)
-            k = apply_rotary(k.transpose(1, 2), cos, sin)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(at, k, v)  # [B, Hkv, kv_len, D]
         y = attend(q, k, v, mask, causal=mask is None and (cache is None or T > 1))
@@ -252,9 +243,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -307,7 +298,7 @@ class GemmaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, bias=False)
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.gradient_checkpointing = False
 
@@ -348,8 +339,6 @@ class GemmaForCausalLM(nn.Module):
             raise ValueError("segment_ids are for training without a KV cache")
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        if T == 1 and cache is not None and (step := self._decode_step(cache, B)):
-            return self._run_decode_step(step, input_ids, input_pos, rows)
         h = self.embed(input_ids)
         cos, sin = self.rotary(input_pos, h.dtype)
         mask, at = None, None
@@ -373,72 +362,7 @@ class GemmaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(head, QuantizedMatrix):
             return head.project(h)
-        return linear(h, self.output_embedding)
-
-    def _decode_step(self, cache: KVCache, batch: int) -> kernels.DecodeStep | None:
-        """The whole one-token step in one kernel call (kernels.DecodeStep), made once per cache,
-        when it may run: inference on CPU (no autograd, not compiling), fp32 or bf16 weights and
-        cache of one dtype, at most kernels.max_rows rows. None: run the modules. (Forward hooks
-        on submodules do not run inside it.)"""
-        weight = self.model.embed_tokens.weight
-        if not weight.is_cpu or kernels.library() is None or torch.compiler.is_compiling():
-            return None
-        step = cache.__dict__.get("decode_step")
-        if step is None or step.owner() is not self or not step.current():
-            step = self._make_decode_step(cache) or kernels.NoDecodeStep(self)
-            cache.__dict__["decode_step"] = step  # a refusal too, so it is not tried every step
-        if not step or batch > step.max_rows or (step.requires_grad and torch.is_grad_enabled()):
-            return None
-        return step
-
-    def _make_decode_step(self, cache: KVCache) -> kernels.DecodeStep | None:
-        if self.quantized:  # the kernel reads fp32/bf16 matrices; quantized ones run the modules
-            return None
-        layers = []
-        for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
-            params = dict(layer.named_parameters())
-            parts = [params.get(name) for name in kernels.LAYER_PARTS[:-2]]
-            if len(params) != len(parts) or None in parts:  # e.g. biases added to a layer
-                return None
-            layers.append([*parts, layer_cache.k, layer_cache.v])
-        tensors = [t for parts in layers for t in parts]
-        embed, norm = self.model.embed_tokens.weight, self.model.norm.weight
-        with torch.no_grad():  # whether gradients are wanted is checked at each call
-            lib = kernels.usable(*tensors, embed, norm, self.output_embedding)
-        if lib is None:
-            return None
-        c = self.config
-        dims = kernels.ModelDims(
-            layers=c.num_hidden_layers,
-            hidden=c.hidden_size,
-            heads=c.num_attention_heads,
-            kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            intermediate=c.intermediate_size,
-            vocab=c.vocab_size,
-            cache_rows=cache.batch_size,
-            cache_len=cache.max_seq_len,
-            eps=c.rms_norm_eps,
-            embed_scale=embedding_scale(c.hidden_size, embed.dtype),
-        )
-        return kernels.DecodeStep(lib, dims, layers, embed, norm, self.output_embedding, self)
-
-    def _run_decode_step(
-        self, step: kernels.DecodeStep, input_ids: Tensor, input_pos: Tensor, rows
-    ) -> Tensor:
-        B = input_ids.shape[0]
-        if rows is None or isinstance(rows, slice):  # B contiguous rows
-            start = 0 if rows is None else rows.start or 0
-            rows = torch.arange(start, start + B)
-        cos, sin = self.rotary(input_pos, step.dtype)  # [B, 1, 1, D]
-        logits = step(
-            input_ids.reshape(B).to(torch.int64).contiguous(),
-            input_pos.reshape(B).to(torch.int64).contiguous(),
-            rows.to(torch.int64).contiguous(),
-            cos.contiguous(),
-            sin.contiguous(),
-        )
-        return logits[:, None]
+        return F.linear(h, self.output_embedding)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         table = self.model.embed_tokens

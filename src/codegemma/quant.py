@@ -19,9 +19,14 @@ results equal `gguf.quants.dequantize` bit for bit; `quantize` does the same for
 
 In the model, `QuantizedLinear` and `QuantizedEmbedding` hold the raw blocks as a uint8 buffer
 named `weight` ([out_features, bytes per row]; from a GGUF file a view of its memory map, never
-requantized) and compute by dequantizing to the activations' dtype: the reference path, correct on
-any device. Fast CPU kernels for these formats belong in `kernels/`; until then
-`GemmaForCausalLM` runs quantized models through its modules, never through `kernels.DecodeStep`.
+requantized). `QuantizedMatrix.project` is their matmul: the reference path dequantizes the whole
+matrix to the activations' dtype and calls F.linear, on any device. On CPU, with the kernels
+(kernels/cpu_quant.h) and no autograd, the same product runs from the blocks: for a few rows
+(decoding) `kernels.qgemv` decodes each block in registers; for more (prefill) the matrix is
+dequantized in tiles of rows small enough to stay in the last-level cache, each multiplied by
+torch's GEMM (`DEQUANT_TILE`). Both see the values `dequantize` gives; the few-row kernel sums
+against them in fp32, before any rounding of the weights to bf16. The engine's whole-step decode
+(kernels/step.py) reads the same blocks.
 
     blocks = quantize(weight, "Q8_0")                  # uint8 [N, K // 32 * 34]
     torch.equal(dequantize(blocks, "Q8_0"), ...)       # float32 [N, K]
@@ -30,12 +35,14 @@ any device. Fast CPU kernels for these formats belong in `kernels/`; until then
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codegemma import kernels
 from codegemma.errors import UsageError
 
 
@@ -73,6 +80,9 @@ FORMATS: dict[str, BlockFormat] = {
 QUANTIZERS = ("Q8_0", "Q4_0")  # the formats `quantize` writes (besides the float ones)
 FLOAT_FORMATS = ("F32", "F16", "BF16")
 _CHUNK_BLOCKS = 1 << 16  # blocks quantized per step, bounding the float32 temporaries
+# Values per tile when a many-row matmul dequantizes a matrix for torch's GEMM: 16 MB in bf16,
+# within the last-level cache when the GEMM reads it, and few GEMM calls per matrix
+DEQUANT_TILE = 1 << 23
 
 
 def block_format(name: str | BlockFormat) -> BlockFormat:
@@ -287,11 +297,55 @@ class QuantizedMatrix(nn.Module):
         return dequantize(self.weight, self.format).to(dtype)
 
     def project(self, x: Tensor) -> Tensor:
-        """x [..., cols] @ W^T -> [..., rows], in x's dtype (the reference path)."""
-        return F.linear(x, self.dequantize(x.dtype))
+        """x [..., cols] @ W^T -> [..., rows], in x's dtype: the product with `dequantize`'s
+        values (see the module docstring for the CPU kernels' path)."""
+        lib = self._kernels(x)
+        if lib is None:
+            return F.linear(x, self.dequantize(x.dtype))  # the reference path
+        x = x.contiguous()
+        if x.numel() <= kernels.MAX_ROWS_QUANT * self.cols:
+            return kernels._qgemv(lib, x, self.weight, kernels.QUANT_FORMATS[self.format.name])
+        return self._tiled(x)
+
+    def _kernels(self, x: Tensor):
+        """The kernels' library when they may compute x @ W^T, else None."""
+        if x.dtype not in kernels.DTYPE_FORMATS or self.format.name not in kernels.QUANT_FORMATS:
+            return None
+        if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        return kernels.usable(self.weight)
+
+    def _tiled(self, x: Tensor) -> Tensor:
+        """x @ W^T for many rows: tiles of W's rows dequantized (into one reused buffer) and
+        multiplied by F.linear, each into its columns of the output."""
+        tile = max(1, min(self.rows, DEQUANT_TILE // self.cols))
+        buffer = _tile_buffer(tile * self.cols, x.dtype)
+        if tile == self.rows:  # one tile: the GEMM writes the output itself
+            w = buffer[: self.rows * self.cols].view(self.rows, self.cols)
+            return F.linear(x, kernels.dequantize(self.weight, self.format, x.dtype, out=w))
+        out = torch.empty(x.shape[:-1] + (self.rows,), dtype=x.dtype)
+        for n0 in range(0, self.rows, tile):
+            n1 = min(self.rows, n0 + tile)
+            w = buffer[: (n1 - n0) * self.cols].view(n1 - n0, self.cols)
+            kernels.dequantize(self.weight[n0:n1], self.format, x.dtype, out=w)
+            out[..., n0:n1] = F.linear(x, w)
+        return out
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, format={self.format.name}"
+
+
+_tiles = threading.local()  # per thread: one dequantization buffer per dtype, reused
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """A flat buffer of at least numel values, kept across calls (fresh memory costs a page fault
+    per 4 KB, more than dequantizing into it)."""
+    buffers = _tiles.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
 
 
 class QuantizedLinear(QuantizedMatrix):

@@ -7,6 +7,15 @@ each row at its own position. A finished request frees its slot at once, so a lo
 holds up the others. `generate()` (offline batches, the evaluation) and `stream()` (one request)
 are loops over `step()`; the server drives `submit()/step()/cancel()` from its scheduler thread.
 
+The engine owns the decode step: when it allocates its KV cache it builds kernels.step.DecodeStep
+from whatever weights the model holds (fp32/bf16, or quantized blocks, quant.py), the whole step
+in one kernel call on CPU, and decode steps of up to `DecodeStep.max_rows` tokens (one per row,
+or a row's last token and its draft) go through it; others, and prefill, run the model's modules
+(plain torch; quantized matrices through quant.py). Each prefill first checks that the model still
+holds the tensors the step reads and rebuilds it if not (weights replaced, converted or moved);
+weights changed in place are read as they are. Where no step can be built (no kernels, another
+device, a model the kernel does not know), every forward runs the modules.
+
 Prefix caching: a freed slot keeps the keys and values of the tokens it held, and a new request
 goes to the free slot sharing the longest prefix with its prompt, so only the rest is prefilled.
 An editor sends one completion request per keystroke, each repeating the files and the text before
@@ -18,12 +27,12 @@ tokens per sequence by prompt lookup (`speculative=True`: at every step; "auto",
 while verify steps deliver more tokens per second than one-token steps, as timed here; False:
 never; `SamplingParams.speculative=False` turns it off for one request). When any row has a
 draft, the step feeds every row its last token plus its draft (right-padded, each row at its own
-positions) in one forward pass and keeps, per row, the longest draft prefix the target model
-agrees with plus the model's next token. Keys and values written for rejected draft tokens and
+positions) in one forward pass (the decode step's kernel when it takes that many tokens) and
+keeps, per row, the longest draft prefix the target model agrees with plus the model's next token. Keys and values written for rejected draft tokens and
 padding lie beyond the row's accepted length: a query at position p attends to positions 0..p of
 its row only (model.cache_mask), and the next step writes its tokens from the accepted length on
 before attending, so they are overwritten before anything reads them. A step where no row has a
-draft is the plain one-token step (kernels.DecodeStep on CPU). Each token is chosen as plain
+draft is the plain one-token step. Each token is chosen as plain
 decoding chooses it and goes through the same stopping rules one by one, so results and streamed
 events are plain decoding's, greedy or seeded, as far as the logits of the two forward shapes
 agree. `decode_stats` counts decode steps, drafted and accepted tokens.
@@ -53,6 +62,7 @@ from codegemma.engine.sampling import (
 from codegemma.engine.speculative import DecodeStats, DraftLength, PromptLookup, StepRates
 from codegemma.engine.stops import StopText
 from codegemma.errors import UsageError
+from codegemma.kernels.step import DecodeStep
 from codegemma.model import GemmaForCausalLM, KVCache
 from codegemma.tokenizer import TextCodec
 
@@ -135,6 +145,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 10**9, model.config.max_position_embeddings)
         self.device = model.model.embed_tokens.weight.device
         self.cache: KVCache | None = None
+        self._step: DecodeStep | None = None  # built with the cache, for this model and cache
         self._waiting: deque[_Sequence] = deque()
         self._slots: list[_Sequence | None] = [None] * max_batch_size
         # A prefill that resumes mid-row needs an explicit attention mask instead of the causal
@@ -243,6 +254,7 @@ class Engine:
             batch.append(seq)
         # every row's real tokens, and room for its padding, must fit in the cache
         self._ensure_cache(max(len(s.prompt) + max(s.max_new_tokens, 1) for s in batch))
+        self._check_step()
         T = max(len(s.prompt) - s.cached for s in batch)
         ids = torch.full((len(batch), T), self.model.config.pad_token_id, dtype=torch.long)
         pos = torch.arange(T).repeat(len(batch), 1)
@@ -304,7 +316,15 @@ class Engine:
         slots = [s.slot for s in active]
         contiguous = slots[-1] == len(slots) - 1
         rows = slice(0, len(slots)) if contiguous else torch.tensor(slots, device=self.device)
+        if self._step is not None and ids.numel() <= self._step.max_rows:
+            return self._step(ids, pos, rows)
         return self.model(ids.to(self.device), pos.to(self.device), self.cache, rows=rows)
+
+    def _check_step(self) -> None:
+        """Rebuild the decode step where the model no longer holds the tensors it reads (or it
+        has none yet: the cache is new, or the model could not be stepped before)."""
+        if self._step is None or not self._step.current(self.model, self.cache):
+            self._step = DecodeStep.build(self.model, self.cache)
 
     def _count_step(self, active: list[_Sequence], drafts: list[list[int]]) -> None:
         stats = self.decode_stats
@@ -450,9 +470,19 @@ class Engine:
         return Event(seq.request_id, delta, token, result)
 
     def _ensure_cache(self, needed: int) -> None:
-        if self.cache is not None and self.cache.max_seq_len >= needed:
+        """A cache of at least `needed` positions in the model's compute dtype (a model converted
+        since, e.g. model.to(torch.bfloat16), gets a new one; its rows are converted)."""
+        cache, dtype = self.cache, getattr(self.model, "compute_dtype", None)
+        if (
+            cache is not None
+            and cache.max_seq_len >= needed
+            and (dtype is None or cache.layers[0].k.dtype == dtype)
+        ):
             return
+        if cache is not None:
+            needed = max(needed, cache.max_seq_len)
         length = min(-(-needed // CACHE_GRANULE) * CACHE_GRANULE, self.max_seq_len)
+        self._step = None  # it reads the old cache's buffers
         old, self.cache = self.cache, self.model.new_cache(self.max_batch_size, length)
         if old is not None:  # keep the active slots' keys and values
             for new_layer, old_layer in zip(self.cache.layers, old.layers, strict=True):

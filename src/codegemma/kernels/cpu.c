@@ -1,5 +1,5 @@
-/* CPU kernels for decoding: the decode-shaped matmul, a layer's elementwise pieces, and the whole
- * decode step of a Gemma model in one call.
+/* CPU kernels for decoding: the decode-shaped matmul (float and quantized matrices), and the
+ * whole decode step of a Gemma model in one call.
  *
  * gemv: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m (4 at a time).
  * Decoding multiplies one activation row per sequence by every weight matrix, so a step is bound by
@@ -8,25 +8,25 @@
  * row once per call, front to back, against all M activation rows (held in L1), so it runs at the
  * memory's speed. (Measured by benchmarks/bench_gemv.py: blocks of 4 rows read in interleaved
  * order, and software prefetching, were both slower than one plain row after another.)
+ * qgemv (cpu_quant.h): the same for matrices in ggml's block formats, and their dequantization.
  *
  * decode: a whole decode step (embedding, every layer, final norm, output head) for a few rows
  * inside one OpenMP parallel region: the threads stay in one team from the first matrix to the
  * last, meeting only at the barriers the data flow needs, and no Python runs between the ~130
  * matmuls of a 2B step (through torch's modules, that Python and the small ops cost ~10% of it).
  * q/k/v run back to back without a barrier between them, and so do gate and up, with
- * gelu(gate) * up applied as up's rows are finished.
+ * gelu(gate) * up applied as up's rows are finished. Each matrix may be in the activations' dtype
+ * or in a block format (a GGUF's mix, e.g. Q4_K_M's Q4_K and Q6_K).
  *
  * Numerics: fp32 accumulation, one rounding at the end (round-to-nearest-even for bf16 output),
  * like torch's own bf16 and fp32 linear; only the order of the additions differs. Every other
- * step rounds where the torch code in model.py rounds (see cpu_typed.h).
+ * step rounds where the torch code in model.py rounds (see cpu_typed.h): RMSNorm and rotary
+ * embedding per element as model.py computes them (built with -ffp-contract=off, so no multiply-add
+ * is fused behind our back).
  * ISA: AVX-512 BF16 (VDPBF16PS) > AVX-512F > AVX2+FMA, chosen at compile time (-march=native);
  * `codegemma_gemv_isa` reports which, 0 meaning none (the caller then keeps torch's ops).
  * Threads: OpenMP; built with -fopenmp, so it shares the libgomp that torch has already loaded,
  * and the caller passes torch's thread count.
- *
- * rmsnorm, rotary: one pass each where torch takes 6-10 ops (each a dispatch and a pass over the
- * data); the same per-element operations in the same order and rounding as the torch code in
- * model.py (built with -ffp-contract=off, so no multiply-add is fused behind our back).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -200,6 +200,8 @@ ALWAYS_INLINE void dots_bf16(const uint16_t *x, const uint16_t *w0, const uint16
 #define KWIDE 2048 /* kernels/__init__.py's WIDE_K */
 #define WIDE(M, K) ((M) > 1 && (K) >= KWIDE)
 
+#include "cpu_quant.h" /* matrices in ggml's block formats */
+
 #endif /* ISA > 0 */
 
 /* The sizes of a Gemma decoder, for the decode step (kernels/__init__.py mirrors this struct). */
@@ -214,21 +216,25 @@ enum { P_IN_NORM, P_Q, P_K, P_V, P_O, P_POST_NORM, P_GATE, P_UP, P_DOWN, P_K_CAC
 
 /* The decode step's working memory, carved out of one buffer the caller allocates:
  * activations h (residual), xn (normed), q, k, v, att, o (a matmul's output), act (the MLP's
- * gelu(gate) * up), in elements of `elem` bytes; attention scores in fp32. */
+ * gelu(gate) * up), in elements of `elem` bytes; attention scores in fp32; and fp32 copies of the
+ * matmul inputs xn, att, act, which the quantized matrices read (with bf16 activations). */
 typedef struct {
     void *h, *xn, *q, *k, *v, *att, *o, *act;
-    float *scores;
+    float *scores, *xnf, *attf, *actf;
 } step_buffers;
 
 static int64_t carve(const model_dims *d, int64_t B, int64_t elem, char *base, step_buffers *out) {
     int64_t q = d->heads * d->head_dim, kv = d->kv_heads * d->head_dim;
-    int64_t sizes[9] = {B * d->hidden * elem, B * d->hidden * elem, B * q * elem, B * kv * elem,
-                        B * kv * elem,        B * q * elem,         B * d->hidden * elem,
-                        B * d->intermediate * elem, B * d->heads * d->cache_len * 4};
-    void **slots[9] = {&out->h, &out->xn, &out->q, &out->k, &out->v, &out->att, &out->o, &out->act,
-                       (void **)&out->scores};
+    int64_t sizes[12] = {B * d->hidden * elem, B * d->hidden * elem, B * q * elem, B * kv * elem,
+                         B * kv * elem,        B * q * elem,         B * d->hidden * elem,
+                         B * d->intermediate * elem, B * d->heads * d->cache_len * 4,
+                         B * d->hidden * 4,    B * q * 4,            B * d->intermediate * 4};
+    void **slots[12] = {&out->h,   &out->xn,  &out->q,
+                        &out->k,   &out->v,   &out->att,
+                        &out->o,   &out->act, (void **)&out->scores,
+                        (void **)&out->xnf, (void **)&out->attf, (void **)&out->actf};
     int64_t at = 0;
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < 12; i++) {
         if (base) *slots[i] = base + at;
         at += (sizes[i] + 63) / 64 * 64; /* each piece on its own cache lines */
     }
@@ -248,6 +254,7 @@ int64_t codegemma_decode_scratch_bytes(const model_dims *d, int64_t B) {
 #define STOREF(v) (v)
 #define ROUNDF(v) (v)
 #define DOTS dots_f32
+#define T_FMT 0 /* FMT_F32 */
 #include "cpu_typed.h"
 #undef T
 #undef SUFFIX
@@ -255,6 +262,7 @@ int64_t codegemma_decode_scratch_bytes(const model_dims *d, int64_t B) {
 #undef STOREF
 #undef ROUNDF
 #undef DOTS
+#undef T_FMT
 
 #define T uint16_t
 #define SUFFIX bf16
@@ -262,4 +270,5 @@ int64_t codegemma_decode_scratch_bytes(const model_dims *d, int64_t B) {
 #define STOREF(v) f32_to_bf16(v)
 #define ROUNDF(v) round_bf16(v)
 #define DOTS dots_bf16
+#define T_FMT 30 /* FMT_BF16 */
 #include "cpu_typed.h"

@@ -42,20 +42,6 @@ static inline void FN(rotary_row)(T *x, const T *cos, const T *sin, int64_t head
     }
 }
 
-void FN(codegemma_rmsnorm)(const T *x, const T *w, T *y, int64_t rows, int64_t dim, float eps,
-                           int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= (1 << 16))
-    for (int64_t i = 0; i < rows; i++) FN(rmsnorm_row)(x + i * dim, w, y + i * dim, dim, eps);
-}
-
-/* x [rows, heads, dim] in place, with cos, sin [rows, dim] */
-void FN(codegemma_rotary)(T *x, const T *cos, const T *sin, int64_t rows, int64_t heads,
-                          int64_t dim, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * heads * dim >= (1 << 16))
-    for (int64_t i = 0; i < rows; i++)
-        FN(rotary_row)(x + i * heads * dim, cos + i * dim, sin + i * dim, heads, dim);
-}
-
 #if ISA > 0
 
 /* gemv_share (below) for several activation rows against long rows (WIDE(M, K)): blocks of
@@ -143,6 +129,71 @@ static void FN(gate_up_share)(const T *x, const T *gate, const T *up, T *act, in
     }
 }
 
+/* x [n] -> fp32 xf [n] (exact), for the quantized matrices' input */
+static inline void FN(widen)(const T *x, float *xf, int64_t n) {
+    for (int64_t i = 0; i < n; i++) xf[i] = LOADF(x[i]);
+}
+
+/* gemv_share for a weight matrix in a quantized format fmt (cpu_quant.h), reading the activations
+ * in fp32 (xf [M, K]): groups of RQ weight rows, each decoded once per QCHUNK activation rows
+ * (statically scheduled: the same rows per thread for the same N). With `gelu_into`,
+ * y (holding gate's output) becomes the MLP's product as in gemv_share_wide, and yf (if not NULL)
+ * gets y's values in fp32 too. */
+static void FN(qgemv_share)(const float *xf, const uint8_t *w, int fmt, T *y, float *yf,
+                            int64_t M, int64_t N, int64_t K, int gelu_into) {
+    int64_t rb = fmt_row_bytes(fmt, K);
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < (N + RQ - 1) / RQ; g++) {
+        int64_t n0 = g * RQ;
+        int R = N - n0 >= RQ ? RQ : N - n0 >= 2 ? 2 : 1; /* the last rows in smaller groups */
+        for (int64_t n = n0; n < n0 + RQ && n < N; n += R) {
+            if (N - n < R) R = 1;
+            for (int64_t m0 = 0; m0 < M; m0 += QCHUNK) {
+                int MB = M - m0 < QCHUNK ? (int)(M - m0) : QCHUNK;
+                float s[RQ][QCHUNK];
+                qdot(fmt, xf + m0 * K, w + n * rb, rb, K, R, MB, s);
+                for (int m = 0; m < MB; m++)
+                    for (int r = 0; r < R; r++) {
+                        T *out = y + (m0 + m) * N + n + r;
+                        *out = gelu_into ? STOREF(ROUNDF(gelu_tanh(LOADF(*out))) * ROUNDF(s[r][m]))
+                                         : STOREF(s[r][m]);
+                        if (yf) yf[(m0 + m) * N + n + r] = LOADF(*out);
+                    }
+            }
+        }
+    }
+}
+
+/* This thread's share of y = x . w^T for w [N, K] in format fmt: T (the activations' own dtype:
+ * x) or a quantized one (its input xf, x in fp32). No barrier. */
+static void FN(matmul_share)(const T *x, const float *xf, const void *w, int fmt, T *y, int64_t M,
+                             int64_t N, int64_t K) {
+    if (fmt == T_FMT)
+        FN(gemv_share)(x, (const T *)w, y, M, N, K);
+    else
+        FN(qgemv_share)(xf, (const uint8_t *)w, fmt, y, NULL, M, N, K, 0);
+}
+
+/* gate_up_share for any formats: both quantized run the same loop twice (so the same rows per
+ * thread, no barrier between); a mix of formats puts a barrier between gate and up. actf (if not
+ * NULL): the product in fp32 too (written by the quantized up pass; else left to the caller). */
+static void FN(mlp_share)(const T *x, const float *xf, const void *gate, int gate_fmt,
+                          const void *up, int up_fmt, T *act, float *actf, int64_t M, int64_t F,
+                          int64_t K) {
+    if (gate_fmt == T_FMT && up_fmt == T_FMT) {
+        FN(gate_up_share)(x, (const T *)gate, (const T *)up, act, M, F, K);
+        return;
+    }
+    FN(matmul_share)(x, xf, gate, gate_fmt, act, M, F, K);
+    if (gate_fmt == T_FMT || up_fmt == T_FMT) {
+#pragma omp barrier
+    }
+    if (up_fmt == T_FMT)
+        FN(gemv_share_wide)(x, (const T *)up, act, M, F, K, 1);
+    else
+        FN(qgemv_share)(xf, (const uint8_t *)up, up_fmt, act, actf, M, F, K, 1);
+}
+
 /* This thread's share of decode attention: for every row b and query head h, softmax(q . k_t *
  * scale) over the row's cached keys t = 0..positions[b], times the values. Like torch's CPU flash
  * attention: fp32 scores and sums, probabilities rounded to T before they weight the values,
@@ -195,13 +246,29 @@ void FN(codegemma_gemv)(const T *x, const T *w, T *y, int64_t M, int64_t N, int6
     FN(gemv_share)(x, w, y, M, N, K);
 }
 
+/* y [M, N] = x . w^T for w [N, K] in quantized format fmt; x given in fp32 (xf [M, K]), y rounded
+ * once to T. */
+void FN(codegemma_qgemv)(const float *xf, const uint8_t *w, int fmt, T *y, int64_t M, int64_t N,
+                         int64_t K, int threads) {
+    int parallel = threads > 1 && M * N * K >= PARALLEL_MIN_MACS;
+#pragma omp parallel num_threads(threads) if (parallel)
+    FN(qgemv_share)(xf, w, fmt, y, NULL, M, N, K, 0);
+}
+
 /* One decode step of the whole model for B rows, one new token each: tokens[b] at positions[b],
  * written into KV-cache row rows[b] (cos, sin [B, head_dim]: that position's rotary angles).
- * layer_ptrs: P_COUNT pointers per layer (enum in cpu.c), weights as transformers lays them out.
- * logits [B, vocab]. scratch: codegemma_decode_scratch_bytes(d, B) bytes.
+ * Rows may share a cache row (several tokens of one sequence, e.g. a speculative draft being
+ * verified): every row's keys and values are written before any row attends, and row b attends
+ * to positions 0..positions[b] of its cache row.
+ * layer_ptrs: P_COUNT pointers per layer (enum in cpu.c), weights as transformers lays them out;
+ * layer_fmts: the format of each (FMT_*: T's own, or a quantized one for the matrices).
+ * embed / lm_head: the embedding table and output head [vocab, hidden] (the same for tied
+ * embeddings) in formats embed_fmt / head_fmt. logits [B, vocab].
+ * scratch: codegemma_decode_scratch_bytes(d, B) bytes.
  * Returns 0, or 1 if a token, position or row is out of range (then nothing was written). */
-int FN(codegemma_decode)(const model_dims *d, void *const *layer_ptrs, const T *embed,
-                         const T *final_norm, const T *lm_head, const int64_t *tokens,
+int FN(codegemma_decode)(const model_dims *d, void *const *layer_ptrs, const int *layer_fmts,
+                         const void *embed, int embed_fmt, const T *final_norm,
+                         const void *lm_head, int head_fmt, const int64_t *tokens,
                          const int64_t *positions, const int64_t *rows, const T *cos,
                          const T *sin, int64_t B, T *logits, void *scratch, int threads) {
     for (int64_t b = 0; b < B; b++)
@@ -214,22 +281,42 @@ int FN(codegemma_decode)(const model_dims *d, void *const *layer_ptrs, const T *
       *act = buf.act;
     int64_t D = d->hidden, F = d->intermediate, hd = d->head_dim, S = d->cache_len;
     int64_t Q = d->heads * hd, KV = d->kv_heads * hd;
+    /* fp32 copies of the matmul inputs for quantized matrices: in fp32, the buffers themselves */
+    int wide = sizeof(T) != sizeof(float);
+    float *xnf = wide ? buf.xnf : (float *)xn, *attf = wide ? buf.attf : (float *)att;
+    float *actf = wide ? buf.actf : (float *)act;
     int64_t layer_macs = D * (2 * Q + 2 * KV + 3 * F);
     int parallel = threads > 1 && B * layer_macs >= PARALLEL_MIN_MACS;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
+        if (embed_fmt == T_FMT) {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < D; i++)
-                h[b * D + i] = STOREF(LOADF(embed[tokens[b] * D + i]) * d->embed_scale);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < D; i++)
+                    h[b * D + i] =
+                        STOREF(LOADF(((const T *)embed)[tokens[b] * D + i]) * d->embed_scale);
+        } else { /* the looked-up rows dequantized (into xnf, free until the first norm) */
+            int64_t rb = fmt_row_bytes(embed_fmt, D);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) {
+                float *row = buf.xnf + b * D;
+                dequant_row_f32(embed_fmt, (const uint8_t *)embed + tokens[b] * rb, D, row);
+                for (int64_t i = 0; i < D; i++)
+                    h[b * D + i] = STOREF(ROUNDF(row[i]) * d->embed_scale);
+            }
+        }
         for (int64_t l = 0; l < d->layers; l++) {
             const T *const *p = (const T *const *)(layer_ptrs + l * P_COUNT);
+            const int *f = layer_fmts + l * P_COUNT;
+            int att_twin = wide && f[P_O] != T_FMT, act_twin = wide && f[P_DOWN] != T_FMT;
 #pragma omp single
-            for (int64_t b = 0; b < B; b++)
+            for (int64_t b = 0; b < B; b++) {
                 FN(rmsnorm_row)(h + b * D, p[P_IN_NORM], xn + b * D, D, d->eps);
-            FN(gemv_share)(xn, p[P_Q], q, B, Q, D);
-            FN(gemv_share)(xn, p[P_K], k, B, KV, D);
-            FN(gemv_share)(xn, p[P_V], v, B, KV, D);
+                if (wide) FN(widen)(xn + b * D, xnf + b * D, D);
+            }
+            FN(matmul_share)(xn, xnf, p[P_Q], f[P_Q], q, B, Q, D);
+            FN(matmul_share)(xn, xnf, p[P_K], f[P_K], k, B, KV, D);
+            FN(matmul_share)(xn, xnf, p[P_V], f[P_V], v, B, KV, D);
 #pragma omp barrier
 #pragma omp single
             for (int64_t b = 0; b < B; b++) {
@@ -244,23 +331,38 @@ int FN(codegemma_decode)(const model_dims *d, void *const *layer_ptrs, const T *
             FN(attention_share)(d, q, p[P_K_CACHE], p[P_V_CACHE], att, buf.scores, positions,
                                 rows, B);
 #pragma omp barrier
-            FN(gemv_share)(att, p[P_O], o, B, D, Q);
+            if (att_twin) {
+#pragma omp single
+                FN(widen)(att, attf, B * Q);
+            }
+            FN(matmul_share)(att, attf, p[P_O], f[P_O], o, B, D, Q);
 #pragma omp barrier
 #pragma omp single
             for (int64_t b = 0; b < B; b++) {
                 FN(add_into)(h + b * D, o + b * D, D);
                 FN(rmsnorm_row)(h + b * D, p[P_POST_NORM], xn + b * D, D, d->eps);
+                if (wide) FN(widen)(xn + b * D, xnf + b * D, D);
             }
-            FN(gate_up_share)(xn, p[P_GATE], p[P_UP], act, B, F, D);
+            /* a quantized up pass writes the product's fp32 copy itself */
+            int up_twin = act_twin && f[P_UP] != T_FMT;
+            FN(mlp_share)(xn, xnf, p[P_GATE], f[P_GATE], p[P_UP], f[P_UP], act,
+                          up_twin ? actf : NULL, B, F, D);
 #pragma omp barrier
-            FN(gemv_share)(act, p[P_DOWN], o, B, D, F);
+            if (act_twin && !up_twin) {
+#pragma omp single
+                FN(widen)(act, actf, B * F);
+            }
+            FN(matmul_share)(act, actf, p[P_DOWN], f[P_DOWN], o, B, D, F);
 #pragma omp barrier
 #pragma omp single
             FN(add_into)(h, o, B * D);
         }
 #pragma omp single
-        for (int64_t b = 0; b < B; b++) FN(rmsnorm_row)(h + b * D, final_norm, xn + b * D, D, d->eps);
-        FN(gemv_share)(xn, lm_head, logits, B, d->vocab, D);
+        for (int64_t b = 0; b < B; b++) {
+            FN(rmsnorm_row)(h + b * D, final_norm, xn + b * D, D, d->eps);
+            if (wide) FN(widen)(xn + b * D, xnf + b * D, D);
+        }
+        FN(matmul_share)(xn, xnf, lm_head, head_fmt, logits, B, d->vocab, D);
     }
     return 0;
 }
