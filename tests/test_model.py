@@ -126,6 +126,29 @@ def test_segments_of_a_packed_row_equal_their_own_forwards(kind):
         assert (packed[1] - ours(ids[1:])[0]).abs().max().item() < 1e-4
 
 
+def test_a_tree_mask_gives_each_branch_its_own_sequences_logits():
+    """attention_mask (token trees, eval/lm_harness.py): a shared prefix, then two branches laid
+    side by side, each at the positions after the prefix and attending to the prefix and to its
+    own earlier tokens: each branch's logits are those of prefix + branch alone."""
+    ours, _ = pair(small_config("MQA"))
+    ids = torch.randint(
+        0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(8)
+    )
+    prefix, left, right = 6, range(6, 10), range(10, 14)  # the row: prefix | left | right
+    pos = torch.cat([torch.arange(10), torch.arange(6, 10)])[None]
+    mask = torch.zeros(14, 14, dtype=torch.bool)
+    for branch in (left, right):
+        for i in [*range(prefix), *branch]:
+            mask[i, [j for j in [*range(prefix), *branch] if j <= i]] = True
+    with torch.no_grad():
+        tree = ours(ids, pos, attention_mask=mask[None, None])
+        for branch in (left, right):
+            alone = ours(torch.cat([ids[:, :prefix], ids[:, branch.start : branch.stop]], 1))
+            assert (tree[0, [*range(prefix), *branch]] - alone[0]).abs().max().item() < 1e-4
+        with pytest.raises(ValueError, match="not both"):
+            ours(ids, pos, segment_ids=torch.zeros_like(ids), attention_mask=mask[None, None])
+
+
 def test_rows_of_different_lengths_decode_independently():
     """Right-padded rows with their own positions give each row its unbatched logits."""
     ours, _ = pair(small_config("GQA"))

@@ -326,22 +326,44 @@ class GemmaForCausalLM(nn.Module):
         rows: Tensor | slice | None = None,
         logits_index: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
-        """input_ids [B, T]; input_pos [B, T] absolute positions (default 0..T-1);
-        cache: a KVCache, written at (rows, input_pos); rows: cache rows, a [B] tensor of row ids
-        or a slice of B contiguous rows (default slice(0, B));
-        logits_index [B] computes logits only at that time step per row -> [B, 1, vocab];
-        segment_ids [B, T] (training on packed rows, no cache): a token attends only to the
-        tokens at or before it with its segment id (`segment_mask`); give input_pos restarting
-        at each segment's start (train/data.py derives both from the row's <bos> tokens)."""
+        """Logits [B, T, vocab] (see `hidden_states` for the arguments); logits_index [B]
+        computes them only at that time step per row -> [B, 1, vocab]."""
+        h = self.hidden_states(input_ids, input_pos, cache, rows, segment_ids, attention_mask)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index][:, None]  # [B, 1, D]
+        return self.output_head(h)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: Tensor | slice | None = None,
+        segment_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The final hidden states [B, T, hidden], after the final norm (`output_head` turns any
+        of them into logits). input_ids [B, T]; input_pos [B, T] absolute positions (default
+        0..T-1); cache: a KVCache, written at (rows, input_pos); rows: cache rows, a [B] tensor of
+        row ids or a slice of B contiguous rows (default slice(0, B)).
+        Without a cache, attention is causal unless one of these says otherwise:
+        segment_ids [B, T] (training on packed rows): a token attends only to the tokens at or
+        before it with its segment id (`segment_mask`); give input_pos restarting at each
+        segment's start (train/data.py derives both from the row's <bos> tokens);
+        attention_mask [B, 1, T, T] bool: query i attends key j where it is True (token trees
+        packed into a row, eval/lm_harness.py)."""
         B, T = input_ids.shape
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids are for training without a KV cache")
+        if cache is not None and (segment_ids is not None or attention_mask is not None):
+            raise ValueError("segment_ids and attention_mask are for forwards without a KV cache")
+        if segment_ids is not None and attention_mask is not None:
+            raise ValueError("give segment_ids or attention_mask, not both")
         if input_pos is None:
             input_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.embed(input_ids)
         cos, sin = self.rotary(input_pos, h.dtype)
-        mask, at = None, None
+        mask, at = attention_mask, None
         if cache is not None:
             mask, at = cache_mask(input_pos, slice(0, B) if rows is None else rows)
         elif segment_ids is not None:
@@ -352,9 +374,7 @@ class GemmaForCausalLM(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, *args, use_reentrant=False)
             else:
                 h = layer(h, *args)
-        if logits_index is not None:
-            h = h[torch.arange(B, device=h.device), logits_index][:, None]  # [B, 1, D]
-        return self.output_head(self.model.norm(h))
+        return self.model.norm(h)
 
     def output_head(self, h: Tensor) -> Tensor:
         """Logits [..., vocab] of final hidden states h [..., hidden]: the tied embedding table

@@ -153,36 +153,86 @@ def _plain(model, context: list[int], continuation: list[int], max_length: int):
     return total, bool((scored.argmax(-1) == target).all())
 
 
-def test_scorer_equals_plain_computation(tiny_model_dir: Path, monkeypatch) -> None:
-    """Shared contexts, one-token continuations that share an input, continuations of several
-    tokens, contexts of one token, inputs truncated at max_length, and tiny chunk budgets so both
-    passes run in several chunks."""
-    import codegemma
-
-    cg = codegemma.load(tiny_model_dir, dtype="float32", device="cpu")
-    rng = random.Random(0)
-    vocab = cg.config.vocab_size
+def _requests(vocab: int, seed: int = 0):
+    """Shared contexts (four choices each), one-token choices that share an input, questions
+    sharing a few-shot prefix, duplicate requests, contexts of one token, and inputs truncated
+    at max_length (96)."""
+    rng = random.Random(seed)
 
     def toks(n: int) -> list[int]:
         return [rng.randrange(5, vocab) for _ in range(n)]
 
-    max_length = 96
     requests = []
     for _ in range(5):  # questions: one context, four choices
         context = [2] + toks(rng.randrange(1, 40))
         requests += [(context, toks(rng.randrange(1, 6))) for _ in range(4)]
     shared = [2] + toks(20)
     requests += [(shared, [t]) for t in toks(4)]  # one-token choices: one input
+    fewshot = [2] + toks(30)
+    for _ in range(3):  # questions after the same few-shot examples
+        context = fewshot + toks(rng.randrange(1, 10))
+        requests += [(context, toks(rng.randrange(1, 4))) for _ in range(3)]
+    requests += [requests[3], requests[0]]  # the same request twice
     requests += [([2], toks(7)), ([2] + toks(150), toks(5)), ([2] + toks(90), toks(10))]
-    monkeypatch.setattr(lm_harness, "LOGIT_FLOATS", 3 * vocab * 8)  # 3 tail positions per row
-    scorer = lm_harness.ContinuationScorer(cg.model, prefill_tokens=64)
-    got = []
-    for at in range(0, len(requests), 8):  # batches of 8, as _loglikelihood_tokens makes them
-        got += scorer.score(requests[at : at + 8], max_length)
+    return requests
+
+
+@pytest.mark.parametrize(
+    "rows, row_tokens, logit_positions",
+    [(8, None, None), (3, 48, 3), (1, 1, 1), (2, 200, 5)],
+    ids=["defaults", "small-rows", "one-row-per-forward", "wide-rows"],
+)
+def test_scorer_equals_plain_computation(
+    tiny_model_dir: Path, monkeypatch, rows, row_tokens, logit_positions
+) -> None:
+    """Every packing (trees of many inputs per row, one input per row and forward, causal and
+    tree-masked forwards) and logits in chunks give what one forward per request gives."""
+    import codegemma
+
+    cg = codegemma.load(tiny_model_dir, dtype="float32", device="cpu")
+    vocab = cg.config.vocab_size
+    if logit_positions:
+        monkeypatch.setattr(lm_harness, "LOGIT_FLOATS", logit_positions * vocab)
+    requests = _requests(vocab)
+    scorer = lm_harness.ContinuationScorer(cg.model, rows=rows, row_tokens=row_tokens)
+    forwards = list(scorer.iter_scores(requests, 96))
+    assert sorted(i for answers in forwards for i, _ in answers) == list(range(len(requests)))
+    if rows == 1:  # one row of (at least) the longest input per forward
+        assert len(forwards) > 1
+    got = scorer.score(requests, 96)
     for (context, continuation), (ll, greedy) in zip(requests, got, strict=True):
-        want_ll, want_greedy = _plain(cg.model, context, continuation, max_length)
+        want_ll, want_greedy = _plain(cg.model, context, continuation, 96)
         assert abs(ll - want_ll) <= 1e-4, (len(context), len(continuation), ll, want_ll)
         assert greedy == want_greedy
+
+
+def test_rows_share_prefixes_as_a_tree() -> None:
+    """A row stores each shared prefix once; a node sees exactly its ancestors and itself."""
+    inputs = [[2, 7, 8, 9], [2, 7, 8, 5], [2, 7, 8], [2, 7, 3]]
+    rows, placed = lm_harness.plan_rows(inputs, [2, 1, 3, 1], row_tokens=64)
+    (row,) = rows
+    # sorted: [2,7,3] [2,7,8] [2,7,8,5] [2,7,8,9] -> nodes 2 7 3 | 8 | 5 | 9
+    assert row.tokens == [2, 7, 3, 8, 5, 9]
+    assert row.positions(7).tolist() == [0, 1, 2, 2, 3, 3, 0]
+    assert [p.scored for p in placed] == [[3, 5], [4], [0, 1, 3], [2]]
+    assert not row.chain
+    mask = row.mask(7)
+    for node, ancestors in ((2, [0, 1]), (3, [0, 1]), (4, [0, 1, 3]), (5, [0, 1, 3])):
+        assert mask[node].nonzero()[:, 0].tolist() == ancestors + [node]
+    assert mask[6].nonzero()[:, 0].tolist() == [6]  # padding sees itself
+    rows, _ = lm_harness.plan_rows([[2, 7], [2, 7], [2, 7, 8, 9]], [1, 1, 2], row_tokens=64)
+    assert len(rows) == 1 and rows[0].chain and rows[0].tokens == [2, 7, 8, 9]
+
+
+def test_long_unrelated_inputs_get_rows_of_their_own() -> None:
+    """Rolling windows: longer than a row's budget, sharing only BOS: one causal row each;
+    the choices of a long question stay in one row."""
+    windows = [[2, 2] + list(range(10 + i, 110 + i)) for i in range(3)]
+    rows, _ = lm_harness.plan_rows(windows, [100] * 3, row_tokens=64)
+    assert len(rows) == 3 and all(row.chain for row in rows)
+    question = [2] + list(range(10, 110))
+    rows, _ = lm_harness.plan_rows([question + [5], question + [6, 7]], [1, 2], row_tokens=64)
+    assert len(rows) == 1 and not rows[0].chain and len(rows[0].tokens) == 104
 
 
 def test_greedy_flag_is_true_for_the_models_own_continuation(tiny_model_dir: Path) -> None:
@@ -321,3 +371,63 @@ def test_command_line(tmp_path: Path) -> None:
     assert parser.parse_args(["lm-eval", "--tasks", "x", "--out", "o", "--limit", "20"]).limit == 20
     with pytest.raises(SystemExit):
         parser.parse_args(["lm-eval", "--tasks", "x"])  # --out is required
+
+
+# -- codegemma eval report -------------------------------------------------------------------
+
+
+def test_report_shows_the_run_beside_coding_runs(runs, tmp_path: Path) -> None:
+    from codegemma.eval.report import report
+
+    ours, _ = runs
+    coding = tmp_path / "single-line"
+    coding.mkdir()
+    summary = {
+        "taskset": "humaneval-single-line",
+        "model": "m",
+        "num_tasks": 40,
+        "set_size": 1033,
+        "samples_per_task": 1,
+        "pass_at_k": {"pass@1": 0.0},
+        "isolation": "full",
+        "generation_seconds": 1.0,
+        "config": {"max_new_tokens": 128, "batch_size": 8, "temperature": 0.0},
+    }
+    (coding / "summary.json").write_text(json.dumps(summary))
+    text = report([coding, ours.out_dir])
+    assert "0.00% (40 of 1033 tasks)" in text  # the coding table is still there
+    acc = ours.results["results"]["codegemma_test_mc"]["acc,none"]
+    assert f"| codegemma_test_mc | acc | {100 * acc:.2f}% |" in text
+    assert "| codegemma_test_gen | exact_match (strict-match) |" in text
+    assert "PARTIAL (--limit)" not in text  # every document of every task was evaluated
+
+
+def test_report_marks_partial_lm_eval_runs_and_sums_groups(tmp_path: Path) -> None:
+    """A --limit run says how many documents it covered; a group's count is its leaves'."""
+    from codegemma.eval.report import report
+
+    results = {
+        "results": {
+            "mmlu": {"acc,none": 0.5, "acc_stderr,none": 0.1},
+            "mmlu_anatomy": {"acc,none": 0.4},
+            "mmlu_astronomy": {"acc,none": 0.6},
+            "boolq": {"acc,none": 0.75, "acc_stderr,none": 0.01},
+        },
+        "group_subtasks": {"mmlu": ["mmlu_anatomy", "mmlu_astronomy"], "boolq": []},
+        "n-samples": {
+            "mmlu_anatomy": {"original": 135, "effective": 10},
+            "mmlu_astronomy": {"original": 152, "effective": 10},
+            "boolq": {"original": 3270, "effective": 3270},
+        },
+        "n-shot": {"mmlu": 5, "boolq": 0},
+        "config": {"model_path": "/models/codegemma-2b"},
+        "lm_eval_version": "0.4.13",
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = report([tmp_path])
+    lines = text.splitlines()
+    assert lines[0] == "| benchmark | metric | codegemma-2b (ours) |"
+    assert lines[2] == "| boolq | acc | 75.00% |"  # the card's order: BoolQ first
+    assert lines[3] == "| mmlu | acc | 50.00% (20 of 287 docs) |"
+    assert not any("mmlu_anatomy" in line for line in lines)  # subtasks of a group: its row
+    assert "PARTIAL (--limit): mmlu 20 of 287 documents" in text

@@ -8,17 +8,15 @@ test's own; `server` is a module-wide default one.
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
+from live_server import run_server
 
 import codegemma
 from codegemma.engine import Engine
-from codegemma.server import ServerSettings, create_app, uvicorn_config
+from codegemma.server import ServerSettings, create_app
 
 MODEL_ID = "tiny-codegemma"
 
@@ -26,34 +24,6 @@ MODEL_ID = "tiny-codegemma"
 @pytest.fixture(scope="session")
 def tiny_cg(tiny_model_dir):
     return codegemma.load(tiny_model_dir, device="cpu", max_batch_size=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def run_server(app) -> Iterator[str]:
-    port = free_port()
-    settings = app.state.server.settings
-    config = uvicorn_config(
-        app, settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 @pytest.fixture(scope="session")

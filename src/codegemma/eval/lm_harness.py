@@ -10,12 +10,14 @@ this module adds is our model underneath, as the lm-eval model `codegemma`:
 
 `CodeGemmaLM` answers lm-eval's three request kinds the way lm-eval's `hf` model does (the same
 tokens in, the same numbers out; tests/eval/test_lm_harness.py checks it against `hf`):
-- `loglikelihood`: BOS + context + continuation, left-truncated to the context length. A batch's
-  rows are scored in two passes over one KV cache: each distinct context is prefilled once
-  (no logits), its keys and values copied to the rows of its other continuations, then every
-  row's continuation is run against them and only those positions get logits, turned into
-  log-probabilities in fp32. Rows whose inputs are equal (one-token choices such as " A", " B")
-  are computed once.
+- `loglikelihood`: BOS + context + continuation, left-truncated to the context length. All of a
+  call's requests are sorted by model input and packed as token trees into rows: the prefix
+  two inputs share (a question's context under its choices, a task's few-shot examples under
+  its questions, the whole of two equal inputs) is one set of nodes, a node at depth d sits at
+  position d and attends to its ancestors, and a row holds many questions. Rows run in few,
+  large forwards (a mask for tree rows; plain causal attention for rows of one sequence, such
+  as rolling windows); only the positions that predict continuation tokens go through the
+  output head, each once, and get fp32 log-probabilities.
 - `loglikelihood_rolling`: `hf`'s windows (`get_rolling_token_windows`, BOS as the prefix token).
 - `generate_until`: our `Engine` (continuous batching, prefix cache), greedy unless `do_sample`,
   stopping at eos and at the task's `until` strings; text is decoded and cut as `hf` does.
@@ -75,35 +77,17 @@ from codegemma.engine import Engine, SamplingParams  # noqa: E402
 from codegemma.errors import EvalError  # noqa: E402
 from codegemma.eval.lm_eval_cli import PRESETS  # noqa: E402
 from codegemma.fileio import write_text_atomic  # noqa: E402
-from codegemma.model import GemmaForCausalLM, KVCache  # noqa: E402
+from codegemma.model import GemmaForCausalLM  # noqa: E402
 from codegemma.tokenizer import Tokenizer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-CACHE_GRANULE = 256  # KV-cache lengths are rounded up to this, so it is rarely reallocated
 LOGIT_FLOATS = 1 << 27  # fp32 logits held at once while scoring (512 MiB)
+ATTENTION_FLOATS = 1 << 27  # attention scores of one forward over tree-masked rows (512 MiB)
 
 
-# -- scoring continuations against a shared, prefilled context -----------------------------
-
-
-@dataclass
-class _Row:
-    """One model input of a scoring batch: `tokens` (context + continuation[:-1], truncated) of
-    which positions `start`.. need next-token log-probs, and the requests it answers."""
-
-    tokens: list[int]
-    start: int
-    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (index, continuation)
-
-    @property
-    def prefix(self) -> tuple[int, ...]:
-        return tuple(self.tokens[: self.start])
-
-    @property
-    def tail(self) -> list[int]:
-        return self.tokens[self.start :]
+# -- scoring continuations: the requests as token trees in packed rows ------------------------
 
 
 def model_input(context: list[int], continuation: list[int], max_length: int) -> list[int]:
@@ -112,142 +96,243 @@ def model_input(context: list[int], continuation: list[int], max_length: int) ->
     return (context + continuation)[-(max_length + 1) :][:-1]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """len of the longest common prefix of two token lists (a binary search over slice
+    comparisons, which run in C: no Python loop over tokens)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+Nodes = list[tuple[int, int]]  # node indices of a row, as half-open intervals
+
+
+def _first(nodes: Nodes, n: int) -> Nodes:
+    out = []
+    for a, b in nodes:
+        if n <= 0:
+            break
+        out.append((a, min(b, a + n)))
+        n -= b - a
+    return out
+
+
+def _last(nodes: Nodes, n: int) -> list[int]:
+    flat: list[int] = []
+    for a, b in reversed(nodes):
+        flat[:0] = range(max(a, b - (n - len(flat))), b)
+        if len(flat) == n:
+            break
+    return flat
+
+
+@dataclass
+class _Row:
+    """One model row holding a token tree. Each input added keeps the nodes it shares with the
+    previous input (their longest common prefix: inputs arrive sorted, so that is the most it
+    shares with any input of the row) and appends the rest as a block of new nodes. A node at
+    depth d has position d and attends to its ancestors and itself."""
+
+    tokens: list[int] = field(default_factory=list)
+    blocks: list[tuple[int, int, int, Nodes]] = field(default_factory=list)  # nodes a..b-1
+    # at positions p.., and the earlier nodes they see
+    last: list[int] | None = None  # the input added last
+    path: Nodes = field(default_factory=list)  # and its nodes
+    chain: bool = True  # one sequence (each block continues the one before): causal attention
+
+    def add(self, tokens: list[int], shared: int) -> Nodes:
+        """Append `tokens`, sharing its first `shared` nodes with the last input; its nodes."""
+        a, b = len(self.tokens), len(self.tokens) + len(tokens) - shared
+        seen = _first(self.path, shared)
+        if b > a:
+            self.chain &= shared == a
+            self.blocks.append((a, b, shared, seen))
+            self.tokens += tokens[shared:]
+        self.last, self.path = tokens, seen + [(a, b)] if b > a else seen
+        return self.path
+
+    def positions(self, width: int) -> torch.Tensor:
+        pos = torch.zeros(width, dtype=torch.long)
+        for a, b, p, _ in self.blocks:
+            pos[a:b] = torch.arange(p, p + b - a)
+        return pos
+
+    def mask(self, width: int) -> torch.Tensor:
+        """[width, width] bool: node i sees node j iff j is i or an ancestor of i; padding
+        sees itself only (so that no attention row is empty)."""
+        mask = torch.eye(width, dtype=torch.bool)
+        for a, b, _, seen in self.blocks:
+            mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            for x, y in seen:
+                mask[a:b, x:y] = True
+        return mask
+
+
+@dataclass
+class _Placed:
+    """Where a request's input went: its row and the nodes predicting its continuation."""
+
+    row: int
+    scored: list[int]
+
+
+def plan_rows(
+    inputs: Sequence[list[int]], scored: Sequence[int], row_tokens: int
+) -> tuple[list[_Row], list[_Placed]]:
+    """Rows for all inputs (the last scored[i] nodes of input i get log-probabilities). Inputs
+    go in sorted order into the current row while it stays within row_tokens nodes, or, when
+    an input shares at least half its tokens with the row's last one (the choices of one
+    question), within row_tokens + the longest input; else a new row starts. So long unrelated
+    inputs (rolling windows) get rows of their own, which run with plain causal attention."""
+    width = row_tokens + max(len(t) for t in inputs)
+    rows: list[_Row] = []
+    placed: list[_Placed | None] = [None] * len(inputs)
+    for i in sorted(range(len(inputs)), key=inputs.__getitem__):
+        tokens, shared = inputs[i], 0
+        if rows:
+            shared = common_prefix(tokens, rows[-1].last)
+            total = len(rows[-1].tokens) + len(tokens) - shared
+            if not (total <= row_tokens or (2 * shared >= len(tokens) and total <= width)):
+                shared = 0
+                rows.append(_Row())
+        else:
+            rows.append(_Row())
+        placed[i] = _Placed(len(rows) - 1, _last(rows[-1].add(tokens, shared), scored[i]))
+    return rows, placed  # type: ignore[return-value]
+
+
 class ContinuationScorer:
-    """Sums of log-probabilities of continuations, batched over one KV cache (see the module
-    docstring); `prefill_tokens` bounds the tokens of one prefill forward."""
+    """Sums of log-probabilities of continuations (see the module docstring).
 
-    def __init__(self, model: GemmaForCausalLM, *, prefill_tokens: int = 8192) -> None:
+    `plan_rows` packs the requests' inputs into rows of token trees (a question's context once
+    for all its choices, a task's few-shot examples once per row, equal inputs once); rows go
+    longest first into forwards of at most `rows` rows and `batch_tokens` tokens, rows of one
+    sequence (plain causal attention) apart from tree rows (a mask, its scores bounded by
+    ATTENTION_FLOATS). Only the hidden states of the nodes that predict continuation tokens go
+    through the final norm and the output head, each once; its fp32 logits give log p(t) =
+    logit[t] - logsumexp(logits)."""
+
+    def __init__(
+        self,
+        model: GemmaForCausalLM,
+        *,
+        rows: int = 8,
+        row_tokens: int | None = None,
+        batch_tokens: int = 8192,
+    ) -> None:
         self.model = model.eval()
-        self.prefill_tokens = prefill_tokens
+        self.rows, self.batch_tokens = rows, batch_tokens
+        self.row_tokens = row_tokens or default_row_tokens(model.config)
         self.device = model.model.embed_tokens.weight.device
-        self.cache: KVCache | None = None
 
-    @torch.inference_mode()
     def score(
         self, requests: Sequence[tuple[list[int], list[int]]], max_length: int
     ) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding yields it) per (context,
-        continuation) pair, all in one batch: as many cache rows as distinct inputs."""
-        rows = self._rows(requests, max_length)
-        self._ensure_cache(len(rows), max(len(r.tokens) for r in rows))
-        self._prefill_contexts(rows)
-        return self._score_tails(rows, len(requests))
+        continuation) pair, in order."""
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        for answers in self.iter_scores(requests, max_length):
+            for index, answer in answers:
+                out[index] = answer
+        return out
 
-    @staticmethod
-    def _rows(requests: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[_Row]:
-        by_input: dict[tuple[int, ...], _Row] = {}
-        for i, (context, continuation) in enumerate(requests):
-            tokens = model_input(context, continuation, max_length)
-            row = by_input.setdefault(tuple(tokens), _Row(tokens, len(tokens)))
-            row.start = min(row.start, len(tokens) - len(continuation))
-            row.requests.append((i, continuation))
-        # longest tails first: the rows still running in a later tail chunk are rows 0..k-1
-        return sorted(by_input.values(), key=lambda r: -len(r.tail))
+    def iter_scores(
+        self, requests: Sequence[tuple[list[int], list[int]]], max_length: int
+    ) -> Iterator[list[tuple[int, tuple[float, bool]]]]:
+        """The answers of each forward as it is run: [(request index, answer)]."""
+        if not requests:
+            return
+        inputs = [model_input(c, x, max_length) for c, x in requests]
+        rows, placed = plan_rows(inputs, [len(x) for _, x in requests], self.row_tokens)
+        owners: list[list[int]] = [[] for _ in rows]
+        for index, where in enumerate(placed):
+            owners[where.row].append(index)
+        for forward in self._forwards(rows):
+            answers = [(i, placed[i].scored, requests[i][1]) for r in forward for i in owners[r]]
+            yield self._run([rows[r] for r in forward], [owners[r] for r in forward], answers)
 
-    def _ensure_cache(self, rows: int, length: int) -> None:
-        """A cache of at least `rows` rows and `length` positions (kept, and grown, across
-        batches: lm-eval's order puts the longest requests first)."""
-        length = min(
-            -(-length // CACHE_GRANULE) * CACHE_GRANULE, self.model.config.max_position_embeddings
+    def _forwards(self, rows: list[_Row]) -> Iterator[list[int]]:
+        """Row indices per forward: longest rows first, one-sequence rows apart from trees."""
+        heads = self.model.config.num_attention_heads
+        for chain in (True, False):
+            group = sorted(
+                (r for r in range(len(rows)) if rows[r].chain == chain),
+                key=lambda r: -len(rows[r].tokens),
+            )
+            forward: list[int] = []
+            for r in group:
+                width, n = len(rows[forward[0]].tokens) if forward else 0, len(forward) + 1
+                if forward and (
+                    n > self.rows
+                    or n * width > self.batch_tokens
+                    or (not chain and n * heads * width * width > ATTENTION_FLOATS)
+                ):
+                    yield forward
+                    forward = []
+                forward.append(r)
+            if forward:
+                yield forward
+
+    @torch.inference_mode()
+    def _run(
+        self, rows: list[_Row], owners: list[list[int]], answers: list
+    ) -> list[tuple[int, tuple[float, bool]]]:
+        width = max(len(row.tokens) for row in rows)
+        ids = torch.full((len(rows), width), self.model.config.pad_token_id)
+        for r, row in enumerate(rows):
+            ids[r, : len(row.tokens)] = torch.tensor(row.tokens)
+        pos = torch.stack([row.positions(width) for row in rows])
+        mask = None  # rows of one sequence: causal (padding after it attends, unread)
+        if not all(row.chain for row in rows):
+            mask = torch.stack([row.mask(width) for row in rows])[:, None].to(self.device)
+        hidden = self.model.hidden_states(
+            ids.to(self.device), pos.to(self.device), attention_mask=mask
         )
-        old = self.cache
-        if old is not None and old.batch_size >= rows and old.max_seq_len >= length:
-            return
-        if old is not None:
-            rows, length = max(rows, old.batch_size), max(length, old.max_seq_len)
-        self.cache = None  # the old one is freed before the new one is allocated
-        self.cache = self.model.new_cache(rows, length)
-
-    def _prefill_contexts(self, rows: list[_Row]) -> None:
-        """Keys and values of every row's prefix (`tokens[:start]`): each distinct prefix is
-        computed once, in the row of its first owner, and copied to the other rows."""
-        owners: dict[tuple[int, ...], int] = {}
-        copies: list[tuple[int, int]] = []  # (destination row, source row)
-        for i, row in enumerate(rows):
-            if row.start == 0:
-                continue
-            owner = owners.setdefault(row.prefix, i)
-            if owner != i:
-                copies.append((i, owner))
-        owned = sorted(owners.values(), key=lambda i: -rows[i].start)
-        if not owned:
-            return
-        longest = rows[owned[0]].start
-        step = max(1, self.prefill_tokens // len(owned))
-        for at in range(0, longest, step):
-            active = [i for i in owned if rows[i].start > at]  # longest first: a prefix
-            width = min(step, longest - at)
-            ids = torch.full((len(active), width), self.model.config.pad_token_id)
-            for r, i in enumerate(active):
-                piece = rows[i].tokens[at : min(at + width, rows[i].start)]
-                ids[r, : len(piece)] = torch.tensor(piece)
-            pos = torch.arange(at, at + width).repeat(len(active), 1)
-            self.model(
-                ids.to(self.device),
-                pos.to(self.device),
-                self.cache,
-                rows=torch.tensor(active, device=self.device),
-                logits_index=torch.zeros(len(active), dtype=torch.long, device=self.device),
-            )
-        if copies:
-            dst = torch.tensor([d for d, _ in copies], device=self.device)
-            src = torch.tensor([s for _, s in copies], device=self.device)
-            length = max(rows[d].start for d, _ in copies)
-            for layer in self.cache.layers:
-                layer.k[dst, :, :length] = layer.k[src, :, :length]
-                layer.v[dst, :, :length] = layer.v[src, :, :length]
-
-    def _score_tails(self, rows: list[_Row], n_requests: int) -> list[tuple[float, bool]]:
-        """Run every row's tail against its prefix, in chunks of positions so that no more than
-        LOGIT_FLOATS logits exist at once, and score each request on its positions."""
-        sums = [0.0] * n_requests
-        greedy = [True] * n_requests
-        longest = len(rows[0].tail)
-        step = max(1, LOGIT_FLOATS // (self.model.config.vocab_size * len(rows)))
-        for at in range(0, longest, step):
-            active = [r for r in rows if len(r.tail) > at]  # rows 0..k-1 (sorted)
-            width = min(step, longest - at)
-            ids = torch.empty((len(active), width), dtype=torch.long)
-            pos = torch.empty((len(active), width), dtype=torch.long)
-            for r, row in enumerate(active):
-                # past a row's end, repeat its last token at its last position: the same keys
-                # and values are written there twice, and nothing else of the row is touched
-                last = len(row.tail) - 1
-                js = [min(j, last) for j in range(at, at + width)]
-                ids[r] = torch.tensor([row.tail[j] for j in js])
-                pos[r] = torch.tensor([row.start + j for j in js])
-            logits = self.model(
-                ids.to(self.device), pos.to(self.device), self.cache, rows=slice(0, len(active))
-            )
-            logits = logits.float()  # log p(t) = logit[t] - logsumexp(logits), in fp32
-            lse, argmax = torch.logsumexp(logits, dim=-1), logits.argmax(-1)
-            for r, row in enumerate(active):
-                for index, continuation in row.requests:
-                    lp, ok = _chunk_score(
-                        logits[r], lse[r], argmax[r], row, continuation, at, width
-                    )
-                    sums[index] += lp
-                    greedy[index] &= ok
-        return list(zip(sums, greedy, strict=True))
+        row_of = {i: r for r, indices in enumerate(owners) for i in indices}
+        # the scored nodes, each once, and each (request, continuation token) pointing at one
+        nodes = [row_of[i] * width + n for i, scored, _ in answers for n in scored]
+        targets = torch.tensor([t for _, _, x in answers for t in x], device=self.device)
+        owner = torch.tensor([k for k, (_, s, _) in enumerate(answers) for _ in s])
+        unique, which = torch.tensor(nodes).unique(return_inverse=True)
+        unique, which, owner = (t.to(self.device) for t in (unique, which, owner))
+        picked = torch.empty(len(nodes), device=self.device)
+        lse = torch.empty(len(unique), device=self.device)
+        argmax = torch.empty(len(unique), dtype=torch.long, device=self.device)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        step = max(1, LOGIT_FLOATS // self.model.config.vocab_size)
+        for lo in range(0, len(unique), step):
+            hi = min(lo + step, len(unique))
+            logits = self.model.output_head(hidden[unique[lo:hi]]).float()
+            lse[lo:hi], argmax[lo:hi] = torch.logsumexp(logits, -1), logits.argmax(-1)
+            here = ((which >= lo) & (which < hi)).nonzero()[:, 0]
+            picked[here] = logits[which[here] - lo, targets[here]]
+        misses = (argmax[which] != targets).float()
+        sums = torch.zeros(len(answers), device=self.device).index_add_(
+            0, owner, picked - lse[which]
+        )
+        wrong = torch.zeros(len(answers), device=self.device).index_add_(0, owner, misses)
+        return [
+            (i, (total, bad == 0))
+            for (i, _, _), total, bad in zip(answers, sums.tolist(), wrong.tolist(), strict=True)
+        ]
 
 
-def _chunk_score(
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    argmax: torch.Tensor,
-    row: _Row,
-    continuation: list[int],
-    at: int,
-    width: int,
-) -> tuple[float, bool]:
-    """The part of one continuation's score that falls in tail positions at..at+width-1."""
-    first = len(row.tail) - len(continuation)  # tail position predicting continuation[0]
-    lo, hi = max(first, at), min(len(row.tail), at + width)
-    if lo >= hi:
-        return 0.0, True
-    targets = torch.tensor(continuation[lo - first : hi - first], device=logits.device)
-    picked = logits[lo - at : hi - at].gather(-1, targets[:, None])[:, 0] - lse[lo - at : hi - at]
-    return float(picked.sum()), bool((argmax[lo - at : hi - at] == targets).all())
+def default_row_tokens(config) -> int:
+    """Tree nodes per row: a row's attention is computed densely, so rows are kept short enough
+    that it costs at most about a quarter of the rest of a layer (per token: the projections
+    and the MLP, against 4 * query width flops per node of the row), between 64 and 2048."""
+    q, kv = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    )
+    d = config.hidden_size
+    dense = 2 * d * (2 * q + 2 * kv) + 6 * d * config.intermediate_size
+    return max(64, min(2048, dense // (16 * q)))
 
 
 # -- text as lm-eval's hf model decodes it --------------------------------------------------
@@ -356,7 +441,7 @@ class CodeGemmaLM(TemplateLM):
         self._max_length = min(max_length or limit, limit)
         self._max_gen_toks = max_gen_toks
         self._text = _HFText(self.tokenizer)
-        self._scorer = ContinuationScorer(self.cg.model)
+        self._scorer = ContinuationScorer(self.cg.model, rows=self._batch_size)
         self._engine: Engine | None = None
 
     # -- what lm-eval asks of a model ------------------------------------------------------
@@ -423,9 +508,10 @@ class CodeGemmaLM(TemplateLM):
         disable_tqdm: bool = False,
         **kwargs: Any,
     ) -> list[tuple[float, bool]]:
-        """Scores in request order. Requests are ordered by lm-eval's Collator, longest context
-        first and each context's continuations together, and cut into batches of at most
-        batch_size distinct inputs that keep a context's continuations in one batch."""
+        """Scores in request order. All of them go to the scorer at once: it sorts them by
+        their model input (so shared prefixes are neighbours, where `hf` sorts longest first)
+        and packs them into forwards of at most batch_size rows; each forward's answers are
+        cached (lm-eval's cache hook) as it finishes."""
         if not requests:
             return []
         for _, context, continuation in requests:
@@ -435,49 +521,16 @@ class CodeGemmaLM(TemplateLM):
                     f"{len(continuation)} continuation tokens (context >= 1, "
                     f"1 <= continuation <= {self.max_length})"
                 )
-
-        def by_context(req):
-            return -len(req[1]), tuple(req[1]), -len(req[2]), tuple(req[2])
-
-        collator = Collator(requests, sort_fn=by_context)
-        ordered = next(collator.get_batched(n=len(requests)))
-        results: list[tuple[float, bool]] = []
-        with tqdm(total=len(ordered), disable=disable_tqdm, desc="loglikelihood") as bar:
-            for batch in self._batches(ordered):
-                pairs = [(context, continuation) for _, context, continuation in batch]
-                scores = self._scorer.score(pairs, self.max_length)
-                for (request, _, _), answer in zip(batch, scores, strict=True):
-                    if request is not None:  # rolling windows are cached per document
-                        self.cache_hook.add_partial("loglikelihood", request, answer)
-                results += scores
-                bar.update(len(batch))
-        return collator.get_original(results)
-
-    def _batches(self, ordered: list) -> Iterator[list]:
-        """Consecutive requests, at most batch_size distinct model inputs each; a context's
-        continuations (adjacent in `ordered`) are not split unless they alone exceed it."""
-        batch: list = []
-        inputs: set[tuple[int, ...]] = set()
-        i = 0
-        while i < len(ordered):
-            j = i
-            while j < len(ordered) and ordered[j][1] == ordered[i][1]:
-                j += 1
-            group = ordered[i:j]
-            keys = {tuple(model_input(c, x, self.max_length)) for _, c, x in group}
-            if batch and len(inputs | keys) > self.batch_size:
-                yield batch
-                batch, inputs = [], set()
-            for request in group:
-                key = tuple(model_input(request[1], request[2], self.max_length))
-                if key not in inputs and len(inputs) == self.batch_size:
-                    yield batch
-                    batch, inputs = [], set()
-                batch.append(request)
-                inputs.add(key)
-            i = j
-        if batch:
-            yield batch
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
+            for answers in self._scorer.iter_scores(pairs, self.max_length):
+                for index, answer in answers:
+                    results[index] = answer
+                    if requests[index][0] is not None:  # rolling windows: cached per document
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                bar.update(len(answers))
+        return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihoods over `hf`'s windows: the document's ids (with BOS, as

@@ -9,7 +9,11 @@ max_new_tokens are in its summary). A run that covered only part of its task set
 BabelCode runs (`bc-humaneval-<lang>`, `bc-mbpp-<lang>`) get a table of their own in the card's
 layout: a row per set and language, our runs beside the published 2B / 7B / 7B-IT pass@1.
 
-    codegemma eval report runs/single-line runs/multi-line > table.md
+lm-evaluation-harness runs (`codegemma eval lm-eval --out DIR`, whose DIR holds lm-eval's
+results.json) get a table too: a row per benchmark and metric (the card's nine first), a column
+per model; a run that evaluated fewer documents than a task has (`--limit`) says how many.
+
+    codegemma eval report runs/single-line runs/multi-line runs/7b-card > table.md
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 from pathlib import Path
 
 from codegemma.errors import EvalError
+from codegemma.eval.lm_eval_cli import CARD_TASKS
 
 SOURCE = "CodeGemma model card / technical report (arXiv 2406.11409)"
 # Infilling pass@1 (%) and seconds for 128-token continuations (single-line, multi-line).
@@ -189,5 +194,108 @@ def _notes(summaries: list[dict]) -> str:
     return "\n".join(notes)
 
 
+# -- lm-evaluation-harness runs ---------------------------------------------------------------
+
+# metrics shown, as lm-eval names them; the first three are shares, shown as percentages
+LM_EVAL_METRICS = (
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "math_verify",
+    "word_perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
+SHARES = {"acc", "acc_norm", "exact_match", "math_verify"}
+
+
+def load_lm_eval(run_dir: str | os.PathLike) -> dict:
+    """lm-eval's results.json of a `codegemma eval lm-eval --out` directory."""
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or "results" not in results or "n-samples" not in results:
+        raise EvalError(
+            f"{path} is not lm-eval's results file (no 'results' / 'n-samples')",
+            fix="pass a directory written by `codegemma eval lm-eval --out DIR`",
+        )
+    return results
+
+
+def _lm_model(results: dict) -> str:
+    path = (results.get("config") or {}).get("model_path")
+    return Path(path).name if path and path != "None" else "codegemma"
+
+
+def _leaf_docs(results: dict, task: str) -> tuple[int, int]:
+    """(documents evaluated, documents the task has) of a task or, summed, a group's leaves."""
+    if task in results["n-samples"]:
+        n = results["n-samples"][task]
+        return n["effective"], n["original"]
+    done = total = 0
+    for sub in results.get("group_subtasks", {}).get(task, []):
+        d, t = _leaf_docs(results, sub)
+        done, total = done + d, total + t
+    return done, total
+
+
+def _top_level(results: dict) -> list[str]:
+    """Tasks and groups that are not a subtask of another group, the card's first."""
+    inner = {s for subs in results.get("group_subtasks", {}).values() for s in subs}
+    names = [n for n in results["results"] if n not in inner]
+    card = list(CARD_TASKS)
+    return sorted(names, key=lambda n: (card.index(n) if n in card else len(card), names.index(n)))
+
+
+def _lm_cell(results: dict, task: str, key: str) -> str:
+    value = results["results"].get(task, {}).get(key)
+    if not isinstance(value, int | float):
+        return "—"
+    metric = key.split(",")[0]
+    text = f"{100 * value:.2f}%" if metric in SHARES else f"{value:.4f}"
+    done, total = _leaf_docs(results, task)
+    return text + (f" ({done} of {total} docs)" if done < total else "")
+
+
+def render_lm_eval(runs: list[dict]) -> str:
+    """A row per (benchmark, metric[, filter]), a column per run's model; notes on shots and
+    on every partial run."""
+    models = [_lm_model(r) for r in runs]
+    tasks = list(dict.fromkeys(t for r in runs for t in _top_level(r)))
+    head = ["benchmark", "metric", *(f"{m} (ours)" for m in models)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in tasks:
+        keys = [
+            key
+            for key in dict.fromkeys(k for r in runs for k in r["results"].get(task, {}))
+            if "," in key and key.split(",")[0] in LM_EVAL_METRICS
+        ]
+        for key in keys:
+            metric, filt = key.split(",", 1)
+            label = metric if filt == "none" else f"{metric} ({filt})"
+            cells = [task, label, *(_lm_cell(r, task, key) for r in runs)]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for model, r in zip(models, runs, strict=True):
+        shots = ", ".join(f"{t} {r.get('n-shot', {}).get(t, '?')}" for t in _top_level(r))
+        partial = [f"{t} {d} of {n}" for t in _top_level(r) for d, n in [_leaf_docs(r, t)] if d < n]
+        note = f"- {model}, lm-eval {r.get('lm_eval_version', '?')}: shots {shots}"
+        if partial:
+            note += f"; PARTIAL (--limit): {', '.join(partial)} documents"
+        notes.append(note + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
 def report(run_dirs: list[str | os.PathLike]) -> str:
-    return render([load_summary(d) for d in run_dirs])
+    """Coding runs (summary.json) and lm-eval runs (results.json), each kind in its tables."""
+    coding, lm = [], []
+    for d in run_dirs:
+        if not (Path(d) / "summary.json").is_file() and (Path(d) / "results.json").is_file():
+            lm.append(load_lm_eval(d))
+        else:
+            coding.append(load_summary(d))
+    parts = [render(coding).rstrip("\n")] if coding else []
+    if lm:
+        parts.append(render_lm_eval(lm))
+    if not parts:
+        raise EvalError("no runs to report", fix="pass one or more run directories")
+    return "\n\n".join(parts) + "\n"
