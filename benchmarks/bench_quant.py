@@ -3,9 +3,8 @@ memory-bandwidth limit and against the plain-torch reference path measured in th
 
 One random-weight checkpoint of the 2B config (bench_generate.make_checkpoint, bf16, with the
 bundled model's tokenizer) is built once into --cache and exported once by `codegemma export gguf`
-to Q8_0 and Q4_0 (files keyed by export.py's hash, as bench_llamacpp.py keys them: point --cache
-at its directory to share them). We have no K-quant writer (llama-quantize has: bench_llamacpp.py
-runs its files), so the Q4_K_M and Q6_K models are built in the worker from random blocks: Q4_K_M
+to Q8_0 and Q4_0 (bench_files.py: the same files as bench_llamacpp.py's). We have no K-quant
+writer (llama-quantize has: bench_llamacpp.py runs its files), so the Q4_K_M and Q6_K models are built in the worker from random blocks: Q4_K_M
 as llama.cpp lays it out (Q4_K matrices; Q6_K for attn_v and ffn_down in the layers its
 `use_more_bits` picks, and for the tied embedding), Q6_K everywhere; the same shapes and bytes as
 real files, so the same work. The float norms are the checkpoint's in every type.
@@ -34,15 +33,15 @@ A quiet machine matters: on a shared one the bandwidth moves by 2x within second
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import bench_files
 
 TYPES = ("bf16", "q8_0", "q4_0", "q4_k_m", "q6_k")
 EXPORTED = {"q8_0", "q4_0"}  # written by `codegemma export gguf`
@@ -59,44 +58,12 @@ MATRICES = (
 )
 
 
-def default_cache() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "codegemma" / "bench" / "quant-2b"
-
-
 # -- the files ------------------------------------------------------------------------------------
-def checkpoint(cache: Path) -> Path:
-    """The random-weight 2B checkpoint with the bundled tokenizer (built once)."""
-    from bench_generate import make_checkpoint
-
-    from codegemma.api import BUNDLED_MODEL
-
-    out = cache / "hf-2b-seed0"
-    if (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file():
-        return out
-    tmp = cache / "hf-2b-seed0.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"# building the random-weight 2B checkpoint in {out}", file=sys.stderr)
-    make_checkpoint("2b", tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(BUNDLED_MODEL / name, tmp / name)
-    os.replace(tmp, out)
-    return out
-
-
 def model_file(cache: Path, type_name: str) -> Path:
     """What the worker loads for `type_name`: the checkpoint, or its GGUF export (made once)."""
-    import codegemma.export as export
-
     if type_name not in EXPORTED:
-        return checkpoint(cache)
-    key = hashlib.sha256(Path(export.__file__).read_bytes()).hexdigest()[:10]
-    out = cache / f"2b-{type_name}-{key}.gguf"
-    if not out.is_file():
-        start = time.time()
-        export.export_gguf(checkpoint(cache), out, type=type_name, name="codegemma-2b-random")
-        print(f"# wrote {out.name} in {time.time() - start:.0f} s", file=sys.stderr)
-    return out
+        return bench_files.checkpoint(cache)
+    return bench_files.exported_gguf(cache, type_name)
 
 
 # -- the models ------------------------------------------------------------------------------------
@@ -247,7 +214,7 @@ def summary(runs: list[dict], rows: int, nbytes: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default=",".join(TYPES))
-    parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument("--cache", type=Path, default=bench_files.default_cache())
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gen", type=int, default=64, help="decoded tokens per run")
     parser.add_argument("--anchor-gen", type=int, default=3, help="decoded tokens, reference")
