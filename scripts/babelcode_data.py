@@ -25,13 +25,21 @@ the stop words of data/language_stop_words.json) and `manifest.json` (counts, sh
 Gzip members have mtime 0, rows are JSON with sorted keys and the generator runs with
 PYTHONHASHSEED=0 (it writes set literals in set iteration order), so a rerun is byte-identical.
 
-`validate` runs BabelCode's own harness (evaluate_predictions.py, ALLOW_EXECUTION=true) and ours
-(`codegemma.eval.tasks.babelcode`) on the same validation predictions and compares the verdict of
-every problem and test case. It executes BabelCode's stubs and gold solutions only, never model
-output, unsandboxed:
+`validate` runs BabelCode's own harness (evaluate_predictions.py, ALLOW_EXECUTION=true; unsandboxed,
+on BabelCode's stubs and gold solutions only, never model output) and ours (the sandbox, as
+`codegemma eval` runs a model's completions) on the same validation predictions and compares the
+verdict of every problem and test case; `--limit N` takes each set's first N problems:
 
     python scripts/babelcode_data.py validate --babelcode /tmp/babelcode \\
         --python /tmp/bcvenv/bin/python --dataset humaneval --languages cpp,java --out /tmp/bcv
+
+`record` writes the verdicts BabelCode's harness gave (its pred_results.jsonl files, from
+`validate` or from evaluate_predictions.py run by hand) into tests/eval/data/babelcode_verdicts.json.gz
+(a set recorded again replaces its entry), which the tests compare our harness with; each
+prediction's code must equal our bundled stub:
+
+    python scripts/babelcode_data.py record --dataset humaneval /tmp/bcv/*/pred_results.jsonl \\
+        --timeout-scale 3
 """
 
 from __future__ import annotations
@@ -231,63 +239,90 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def their_verdicts(
-    work: Path, python: str, dataset: str, langs: list[str], out: Path, scale: float
+    work: Path,
+    python: str,
+    dataset: str,
+    langs: list[str],
+    out: Path,
+    scale: float,
+    limit: int | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """Run BabelCode's evaluate_predictions.py on its validation predictions; per-problem results."""
+    """Run BabelCode's evaluate_predictions.py (generated test code in `work`) on our bundled
+    validation predictions, one experiment per language (out/<dataset>-<lang>/); per-problem
+    results as (language, qid) -> (outcome, test_case_results)."""
     gin = out / "validation.gin"
     base = work / "configs" / "evaluation" / "base.gin"
     gin_text = (work / "configs" / "validation.gin").read_text()
     gin_text = gin_text.replace("'configs/evaluation/base.gin'", repr(str(base)))
-    gin.write_text(gin_text.replace("num_workers=32", f"num_workers={os.cpu_count() or 1}"))
-    names = [bc.BABELCODE_NAMES[lang] for lang in langs]
-    preds = work / "data" / "validation_preds" / f"{dataset}.jsonl"
+    gin.write_text(gin_text.replace("num_workers=32", f"num_workers={workers or os.cpu_count()}"))
     env = {**os.environ, "ALLOW_EXECUTION": "true", "BC_TIMEOUT_SCALE": str(scale)}
     env["PATH"] = f"{Path(python).parent}{os.pathsep}{env['PATH']}"  # their `python` command
-    run(
-        python,
-        [
-            "-c",
-            SCALED_HARNESS,
-            f"--gin_file={gin}",
-            "--experiment_name=theirs",
-            f"--predictions={preds}",
-            f"--output_path={out}",
-            f"--test_code=data/problem_code/{dataset}",
-            "--overwrite",
-            "--samples=1",
-            "--validation",
-            f"--languages={','.join(names)}",
-        ],
-        work,
-        env=env,
-    )
     results = {}
-    for row in read_jsonl(out / "theirs" / "pred_results.jsonl"):
-        results[(row["language"], row["qid"])] = (row["outcome"], row["test_case_results"])
+    for lang in langs:
+        name = f"{dataset}-{lang}"
+        stubs = bc.load_validation_predictions(dataset, lang)[:limit]
+        preds = out / f"{name}.predictions.jsonl"
+        write_text_atomic(preds, "".join(json.dumps(p) + "\n" for p in stubs))
+        run(
+            python,
+            [
+                "-c",
+                SCALED_HARNESS,
+                f"--gin_file={gin}",
+                f"--experiment_name={name}",
+                f"--predictions={preds}",
+                f"--output_path={out}",
+                f"--test_code=data/problem_code/{bc.DATASETS[dataset]}",
+                "--overwrite",
+                "--samples=1",
+                "--validation",
+                f"--languages={bc.BABELCODE_NAMES[lang]}",
+            ],
+            work,
+            env=env,
+        )
+        results.update(read_their_results(out / name / "pred_results.jsonl"))
     return results
 
 
-def our_verdicts(dataset: str, langs: list[str], workers: int, scale: float) -> dict:
-    """Our assembly and runner on the same validation predictions."""
-    jobs = []
+def read_their_results(path: Path) -> dict:
+    """BabelCode's pred_results.jsonl: (language, qid) -> (outcome, test_case_results)."""
+    return {
+        (row["language"], row["qid"]): (row["outcome"], row["test_case_results"])
+        for row in read_jsonl(path)
+    }
+
+
+def our_verdicts(
+    dataset: str,
+    langs: list[str],
+    workers: int,
+    scale: float,
+    limit: int | None = None,
+    reuse: bool = True,
+) -> dict:
+    """Our harness on the same validation predictions: each language's BabelCodeSandbox, as
+    `codegemma eval` scores a model's completions (every timeout times `scale`)."""
+    from codegemma.eval.execution import babelcode_sandbox, judge_babelcode
+
+    results = {}
     for lang in langs:
         problems = bc.by_qid(bc.load_babelcode(dataset, lang))
-        for stub in bc.load_validation_predictions(dataset, lang):
-            jobs.append((problems[stub["qid"]], stub["code"]))
+        stubs = bc.load_validation_predictions(dataset, lang)[:limit]
+        timeout = max(bc.language_spec(lang).timeouts) * scale
+        with (
+            babelcode_sandbox(lang, timeout, reuse=reuse) as sandbox,
+            ThreadPoolExecutor(max_workers=workers) as pool,
+        ):
 
-    def one(job):
-        problem, code = job
-        with tempfile.TemporaryDirectory(prefix="bcv-") as tmp:
-            program = bc.assemble(problem, code)
-            result = bc.run_program_unsandboxed(
-                problem.spec, program, Path(tmp), timeout_scale=scale
-            )
-        verdict = bc.verdict(result, problem.test_case_ids)
-        key = (bc.BABELCODE_NAMES[problem.language], problem.qid)  # as BabelCode names it
-        return key, (verdict.outcome, verdict.test_results)
+            def one(stub, sandbox=sandbox, problems=problems):
+                verdict, _ = judge_babelcode(problems[stub["qid"]], stub["code"], sandbox=sandbox)
+                return stub["qid"], (verdict.outcome, verdict.test_results)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(pool.map(one, jobs))
+            for qid, verdict in pool.map(one, stubs):
+                results[(bc.BABELCODE_NAMES[lang], qid)] = verdict  # as BabelCode names it
+    return results
 
 
 def summarize(results: dict) -> dict:
@@ -305,34 +340,129 @@ def cmd_validate(args: argparse.Namespace) -> None:
     bc.require_toolchains(langs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = scratch_copy(Path(args.babelcode).resolve())
+    checkout = Path(args.babelcode).resolve()
     dataset = bc.DATASETS[args.dataset]
+    if args.generated:  # a checkout where the generator already ran (checked against our data)
+        work, scratch = checkout, None
+        check_generated(work, args.dataset)
+    else:
+        work = scratch = scratch_copy(checkout)
     try:
-        generate(work, args.python, dataset)
-        theirs = their_verdicts(work, args.python, dataset, langs, out, args.timeout_scale)
+        if scratch is not None:
+            generate(work, args.python, dataset)
+        theirs = their_verdicts(
+            work,
+            args.python,
+            args.dataset,
+            langs,
+            out,
+            args.timeout_scale,
+            args.limit,
+            args.workers,
+        )
     finally:
-        shutil.rmtree(work.parent, ignore_errors=True)
-    ours = our_verdicts(args.dataset, langs, args.workers, args.timeout_scale)
-    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
-    report = {
-        "dataset": args.dataset,
-        "theirs": summarize(theirs),
-        "ours": summarize(ours),
-        "problems compared": len(ours),
-        "problems that differ": [f"{lang}/{qid}" for lang, qid in differ],
-        "verdict sha256 (ours)": {
-            lang: bc.verdicts_sha256(
-                {q: ours[(n, q)][0] for n, q in ours if n == bc.BABELCODE_NAMES[lang]}
-            )
-            for lang in langs
-        },
-    }
+        if scratch is not None:
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+    ours = our_verdicts(args.dataset, langs, args.workers, args.timeout_scale, args.limit)
+    report = compare(theirs, ours, langs)
+    report["dataset"] = args.dataset
     rows = [{"language": k[0], "qid": k[1], "theirs": theirs.get(k), "ours": ours[k]} for k in ours]
     write_text_atomic(out / "verdicts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    if differ:
-        sys.exit(f"{len(differ)} problems differ; see {out / 'verdicts.jsonl'}")
+    if report["problems that differ"]:
+        sys.exit(
+            f"{len(report['problems that differ'])} problems differ; see {out / 'verdicts.jsonl'}"
+        )
+
+
+def check_generated(work: Path, dataset: str) -> None:
+    """The checkout's generated test code must be the data we bundle (same rows, same hashes)."""
+    root = work / "data" / "problem_code" / bc.DATASETS[dataset]
+    prompts = read_jsonl(root / "prompt_info.jsonl")
+    codes = read_jsonl(root / "testing_code.jsonl")
+    manifest = json.loads((OUT / "manifest.json").read_text())
+    for lang in bc.LANGUAGES:
+        rows = merge_rows(prompts, codes, bc.BABELCODE_NAMES[lang])
+        if bc.rows_sha256(rows) != manifest["sets"][f"{dataset}-{lang}"]["sha256"]:
+            sys.exit(
+                f"{root}: {dataset}-{lang} differs from the bundled data; regenerate it "
+                "(PYTHONHASHSEED=0) or drop --generated"
+            )
+
+
+def compare(theirs: dict, ours: dict, langs: list[str]) -> dict:
+    """Per language: problems compared, per-problem verdicts (outcome and every test case) that
+    agree, both harnesses' counts, and the problems that differ."""
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    agree = {}
+    for lang in langs:
+        name = bc.BABELCODE_NAMES[lang]
+        keys = [k for k in ours if k[0] == name]
+        agree[lang] = f"{sum(ours[k] == theirs.get(k) for k in keys)}/{len(keys)}"
+    return {
+        "agree": agree,
+        "theirs": summarize({k: v for k, v in theirs.items() if k in ours}),
+        "ours": summarize(ours),
+        "problems compared": len(ours),
+        "problems that differ": [f"{lang}/{qid}" for lang, qid in differ],
+    }
+
+
+VERDICTS = ROOT / "tests" / "eval" / "data" / "babelcode_verdicts.json.gz"
+
+
+def cmd_record(args: argparse.Namespace) -> None:
+    """Their verdicts, checked to be on our bundled predictions, to the tests' data file."""
+    by_name = {v: k for k, v in bc.BABELCODE_NAMES.items()}
+    new: dict[str, dict] = {}
+    for path in map(Path, args.results):
+        for row in read_jsonl(path):
+            lang = by_name[row["language"]]
+            if _stubs(args.dataset, lang).get(row["qid"]) != row["code"]:
+                sys.exit(f"{path}: {lang}/{row['qid']} is not our bundled validation prediction")
+            verdict = [row["outcome"], row["test_case_results"]]
+            new.setdefault(f"{args.dataset}-{lang}", {})[row["qid"]] = verdict
+    out = Path(args.out)
+    sets = json.loads(gzip.decompress(out.read_bytes()))["sets"] if out.is_file() else {}
+    for name, verdicts in new.items():
+        order = [p.qid for p in bc.load_babelcode(*name.split("-"))]
+        sets[name] = {
+            "timeout_scale": args.timeout_scale,
+            "verdicts": {q: verdicts[q] for q in order if q in verdicts},
+        }
+    data = {
+        "about": (
+            "Per-problem verdicts of BabelCode's own harness (google-research/babelcode, "
+            "Apache-2.0, evaluate_predictions.py at the commit below, every command's timeout "
+            "times the set's timeout_scale) on its validation predictions as bundled in "
+            "src/codegemma/eval/tasks/data/babelcode/*.validation.jsonl.gz "
+            "(scripts/make_validation_preds.py: a stub returning the first test's expected "
+            "output; for Python the gold solution). Per set, qid -> [outcome, {test id: "
+            "result}] for the problems that were run. Written by scripts/babelcode_data.py "
+            "record."
+        ),
+        "source": "google-research/babelcode",
+        "commit": args.commit,
+        "sets": dict(sorted(sets.items())),
+    }
+    text = json.dumps(data, indent=0, sort_keys=True, ensure_ascii=True) + "\n"
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
+        f.write(text.encode())
+    write_bytes_atomic(out, buf.getvalue())
+    for name, entry in data["sets"].items():
+        print(f"{name}: {len(entry['verdicts'])} problems, timeout scale {entry['timeout_scale']}")
+
+
+_STUBS: dict = {}
+
+
+def _stubs(dataset: str, lang: str) -> dict:
+    if (dataset, lang) not in _STUBS:
+        rows = bc.load_validation_predictions(dataset, lang)
+        _STUBS[dataset, lang] = {r["qid"]: r["code"] for r in rows}
+    return _STUBS[dataset, lang]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,14 +480,30 @@ def main(argv: list[str] | None = None) -> None:
     val.add_argument("--languages", default=",".join(bc.LANGUAGES))
     val.add_argument("--out", required=True, help="directory for both harnesses' results")
     val.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    val.add_argument("--limit", type=int, default=None, help="each set's first N problems only")
+    val.add_argument(
+        "--generated",
+        action="store_true",
+        help="the checkout already holds the generator's output (checked against the bundled "
+        "data): do not regenerate it",
+    )
     val.add_argument(
         "--timeout-scale",
         type=float,
         default=1.0,
         help="multiply every command's timeout, in both harnesses (for a loaded machine)",
     )
+    rec = sub.add_parser("record")
+    rec.add_argument("results", nargs="+", help="BabelCode pred_results.jsonl files")
+    rec.add_argument("--dataset", choices=sorted(bc.DATASETS), required=True)
+    rec.add_argument("--out", default=str(VERDICTS))
+    rec.add_argument("--commit", default="d37a231", help="the commit of the harness that ran")
+    rec.add_argument(
+        "--timeout-scale", type=float, required=True, help="the scale the harness ran with"
+    )
     args = parser.parse_args(argv)
-    {"generate": cmd_generate, "validate": cmd_validate}[args.command](args)
+    commands = {"generate": cmd_generate, "validate": cmd_validate, "record": cmd_record}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

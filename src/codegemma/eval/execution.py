@@ -12,6 +12,7 @@ and wrote this run's token (see docs/eval.md, "The verdict").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from enum import Enum
 
-from codegemma.eval.sandbox import Limits, Sandbox, SandboxResult
+from codegemma.eval.sandbox import CommandsResult, Limits, Sandbox, SandboxResult, remove_tree
 from codegemma.eval.tasks import Task
 
 TAIL = 2000
@@ -208,13 +209,69 @@ def score_all(
 
 
 # -- BabelCode: the language's commands in the sandbox -----------------------------------------
-def babelcode_sandbox(language: str, timeout_s: float) -> Sandbox:
+class BabelCodeSandbox(Sandbox):
     """A sandbox for one BabelCode language: its toolchain directories bound read-only, its
-    limits (babelcode.sandbox_limits)."""
-    from codegemma.eval.tasks import babelcode as bc
+    limits (babelcode.sandbox_limits), and with `reuse` what the run builds once for all its
+    programs (babelcode.REUSE) in a cache directory of its own, removed on close. Everything,
+    the fork server included, is ready when the constructor returns."""
 
-    tc = bc.sandbox_toolchain(language)
-    return Sandbox(bc.sandbox_limits(language, timeout_s), read_only=tc.read_only)
+    def __init__(self, language: str, timeout_s: float, *, reuse: bool = True, **kw) -> None:
+        from codegemma.eval.tasks import babelcode as bc
+
+        self.language = language
+        self.cache_dir = _cache_dir() if reuse and language in bc.REUSE else None
+        try:
+            self.toolchain = (
+                bc.prepare_toolchain(language, self.cache_dir)
+                if self.cache_dir
+                else bc.sandbox_toolchain(language)
+            )
+            super().__init__(
+                bc.sandbox_limits(language, timeout_s), read_only=self.toolchain.read_only, **kw
+            )
+            self.start()  # its root binds the cache: the fork server starts once all is built
+        except BaseException:
+            if self.cache_dir is not None:
+                remove_tree(self.cache_dir)
+            raise
+
+    def close(self) -> None:
+        super().close()
+        if self.cache_dir is not None:
+            remove_tree(self.cache_dir)
+            self.cache_dir = None
+
+
+CACHE_PREFIX = "codegemma-babelcode-"
+
+
+def _cache_dir() -> str:
+    """A fresh cache directory `codegemma-babelcode-<pid>-*` in the temporary directory; those of
+    harness processes that no longer exist (killed before they could clean up) are removed."""
+    import tempfile
+
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(CACHE_PREFIX) :].split("-", 1)[0]
+        if name.startswith(CACHE_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):  # another harness may be removing it too
+                remove_tree(os.path.join(root, name))
+    return tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def babelcode_sandbox(language: str, timeout_s: float, *, reuse: bool = True) -> BabelCodeSandbox:
+    """The sandbox every program of one BabelCode language runs in (BabelCodeSandbox)."""
+    return BabelCodeSandbox(language, timeout_s, reuse=reuse)
 
 
 def execute_babelcode(
@@ -225,17 +282,26 @@ def execute_babelcode(
     sample_idx: int = 0,
     with_examples: bool = False,
 ) -> ExecutionResult:
-    """Score a post-processed completion of `problem.prompt(with_examples=...)`: assemble it with
-    markers tagged by a fresh nonce, run the language's commands (each under `timeout_s` of the
-    sandbox's limits) and apply BabelCode's outcome rule to the tagged markers only."""
+    """Score a post-processed completion of `problem.prompt(with_examples=...)`."""
+    code = problem.prompt(with_examples=with_examples) + completion
+    v, r = judge_babelcode(problem, code, sandbox=sandbox)
+    n_commands = len(_toolchain_for(problem, sandbox).commands)
+    return ExecutionResult.of(problem.task_id, sample_idx, _babelcode_outcome(v, r, n_commands), r)
+
+
+def judge_babelcode(problem, code: str, *, sandbox: Sandbox):
+    """(BabelCode verdict, CommandsResult) of a whole solution `code` (signature included, as
+    BabelCode's predictions are): assembled with markers tagged by a fresh nonce, the language's
+    commands run (each under `timeout_s` of the sandbox's limits), BabelCode's outcome rule
+    applied to the tagged markers only. The sandbox should be a BabelCodeSandbox of the
+    problem's language (a plain Sandbox runs the commands as BabelCode does, without reuse)."""
     import secrets
 
     from codegemma.eval.tasks import babelcode as bc
 
     nonce = secrets.token_hex(16)
-    code = problem.prompt(with_examples=with_examples) + completion
     program = bc.sandboxed_program(problem, code, nonce)
-    tc = bc.sandbox_toolchain(problem.language)
+    tc = _toolchain_for(problem, sandbox)
     timeout = sandbox.limits.timeout_s
     r = sandbox.run_commands(
         {problem.spec.file_name(): program},
@@ -251,13 +317,19 @@ def execute_babelcode(
         len(r.exit_codes) - 1,
         (r.duration_s,),
     )
-    v = bc.verdict(run, problem.test_case_ids)
-    return ExecutionResult.of(
-        problem.task_id, sample_idx, _babelcode_outcome(v, r, len(tc.commands)), r
-    )
+    return bc.verdict(run, problem.test_case_ids), r
 
 
-def _babelcode_outcome(v, r, n_commands: int) -> tuple[Outcome, str, str]:
+def _toolchain_for(problem, sandbox: Sandbox):
+    from codegemma.eval.tasks import babelcode as bc
+
+    tc = getattr(sandbox, "toolchain", None)
+    if tc is None or tc.language != problem.language:
+        tc = bc.sandbox_toolchain(problem.language)
+    return tc
+
+
+def _babelcode_outcome(v, r: CommandsResult, n_commands: int) -> tuple[Outcome, str, str]:
     """(outcome, kind, reason) of a BabelCode verdict; kind is BabelCode's outcome name."""
     if v.passed and r.reported and not r.output_overflow:
         return Outcome.PASSED, "", "passed"

@@ -302,6 +302,10 @@ class Sandbox:
         self._zygote: _Zygote | None = None
         self._zygote_lock = threading.Lock()
 
+    def start(self) -> None:
+        """Start the fork server (and build its root) now rather than on the first run."""
+        self._get_zygote()
+
     def close(self) -> None:
         with self._zygote_lock:
             if self._zygote is not None:

@@ -582,6 +582,7 @@ class Toolchain:
     read_only: tuple[str, ...]
     env: dict = field(hash=False, compare=False)
     exec_only: tuple[str, ...]
+    reused: tuple[str, ...] = ()  # what the run built once for all its programs (REUSE)
 
 
 def sandbox_toolchain(language: str, stem: str = "main") -> Toolchain:
@@ -608,6 +609,155 @@ def sandbox_toolchain(language: str, stem: str = "main") -> Toolchain:
         env=dict(RUN_ENV),
         exec_only=tuple(sorted(binaries)) if language in NATIVE else (),
     )
+
+
+# -- reuse between the programs of one run -------------------------------------------------------
+# What a run builds once, before any program runs, into its cache directory, which every
+# program's sandbox then binds read-only. Each is built from the toolchain itself (Java and
+# Kotlin: by running BabelCode's own stub of HumanEval/0 once, outside the sandbox: our bundled
+# data, never model output). None changes what a program computes:
+REUSE = {
+    # every C++ test harness includes bits/stdc++.h; `-include` of its precompiled state before
+    # the program's first line makes the program's own #includes no-ops (their guards are set)
+    "cpp": "precompiled bits/stdc++.h",
+    # the classes javac (the source launcher) and kotlinc load, mapped from a class-data-sharing
+    # archive instead of parsed from the jars; the serial collector (one thread, small heaps)
+    "java": "class-data-sharing archive, serial GC",
+    # the same, and only the C1 JIT: kotlinc is short-lived and C2's compile threads cost more
+    # than they give on two cores; the kotlinc script's own -Xmx256M -Xms32M is kept
+    "kotlin": "class-data-sharing archive, serial GC, C1 only",
+    # Go: nothing. Go 1.19 ships the standard library precompiled, so a build cache holds only
+    # the program's own package; a warm per-run copy of one was no faster in the sandbox.
+}
+KOTLIN_JAVA_OPTS = ("-Xmx256M", "-Xms32M")  # what the kotlinc script uses when JAVA_OPTS is unset
+JVM_FLAGS = ("-XX:+UseSerialGC",)
+KOTLIN_JVM_FLAGS = (*KOTLIN_JAVA_OPTS, "-XX:TieredStopAtLevel=1", *JVM_FLAGS)
+WARMUP_QID = "0"  # the HumanEval problem whose BabelCode stub warms the JVM archives
+PREPARE_TIMEOUT_S = 600.0
+
+
+def prepare_toolchain(language: str, cache_dir: str | os.PathLike, stem: str = "main") -> Toolchain:
+    """`sandbox_toolchain` with what a run reuses between its programs (REUSE) built once into
+    `cache_dir` (bound read-only into every run). When an artifact cannot be built, the language
+    runs as BabelCode runs it; `reused` says what was built."""
+    tc = sandbox_toolchain(language, stem)
+    cache = Path(cache_dir).resolve()
+    builders = {"cpp": _with_pch, "java": _with_java_archive, "kotlin": _with_kotlin_archive}
+    if language not in builders:
+        return tc
+    cache.mkdir(parents=True, exist_ok=True)
+    cache.chmod(0o755)  # the sandbox uid reads it
+    return builders[language](tc, cache)
+
+
+def _with_pch(tc: Toolchain, cache: Path) -> Toolchain:
+    """`g++ -include <cache>/bits/stdc++.h ...`, with <cache>/bits/stdc++.h.gch built by the same
+    compiler with the same (default) options, so g++ loads it instead of parsing the header."""
+    gxx = tc.commands[0][0]
+    found = _run_trusted([gxx, "-x", "c++", "-M", "-"], cache, stdin="#include <bits/stdc++.h>\n")
+    deps = found.stdout.replace("\\\n", " ").split() if found.returncode == 0 else []
+    header = next((d for d in deps if d.endswith("/bits/stdc++.h")), None)
+    if header is None:
+        return tc
+    bits = cache / "bits"
+    bits.mkdir(mode=0o755, exist_ok=True)
+    local = bits / "stdc++.h"
+    shutil.copyfile(header, local)
+    built = _run_trusted([gxx, "-x", "c++-header", str(local), "-o", f"{local}.gch"], cache)
+    if built.returncode != 0 or not Path(f"{local}.gch").is_file():
+        return tc
+    _readable(cache)
+    first = (tc.commands[0][0], "-include", str(local), *tc.commands[0][1:])
+    return _reusing(tc, (first, *tc.commands[1:]), cache)
+
+
+def _with_java_archive(tc: Toolchain, cache: Path) -> Toolchain:
+    """`java -XX:+UseSerialGC -XX:SharedArchiveFile=<cache>/java.jsa main.java`: the archive is
+    dumped at the exit of one run of the warm-up program with the same flags."""
+    java, *rest = tc.commands[0]
+    archive = cache / "java.jsa"
+    dump = (java, *JVM_FLAGS, f"-XX:ArchiveClassesAtExit={archive}", *rest)
+    if not _warm_up("java", dump, {}, cache) or not archive.is_file():
+        return tc
+    _readable(cache)
+    run = (java, *JVM_FLAGS, f"-XX:SharedArchiveFile={archive}", *rest)
+    return _reusing(tc, (run,), cache)
+
+
+def _with_kotlin_archive(tc: Toolchain, cache: Path) -> Toolchain:
+    """The kotlinc script's JVM gets JAVA_OPTS: its default heap flags, C1 only, serial GC and a
+    class-data-sharing archive dumped at the exit of one warm-up run with the same flags."""
+    archive = cache / "kotlin.jsa"
+    dump = {"JAVA_OPTS": " ".join((*KOTLIN_JVM_FLAGS, f"-XX:ArchiveClassesAtExit={archive}"))}
+    if not _warm_up("kotlin", tc.commands[0], dump, cache) or not archive.is_file():
+        return tc
+    _readable(cache)
+    env = {"JAVA_OPTS": " ".join((*KOTLIN_JVM_FLAGS, f"-XX:SharedArchiveFile={archive}"))}
+    return _reusing(tc, tc.commands, cache, env=env)
+
+
+def _reusing(tc: Toolchain, commands: tuple, cache: Path, *, env: dict | None = None) -> Toolchain:
+    return Toolchain(
+        language=tc.language,
+        commands=tuple(tuple(c) for c in commands),
+        read_only=tuple(dict.fromkeys((*tc.read_only, str(cache)))),
+        env={**tc.env, **(env or {})},
+        exec_only=tc.exec_only,
+        reused=(REUSE[tc.language],),
+    )
+
+
+def _warm_up(
+    language: str, argv: Sequence[str], env: dict, cache: Path, *, runs: bool = True
+) -> bool:
+    """Run `argv` (the program's own run, or with `runs=False` its compile step) on BabelCode's
+    stub of HumanEval/WARMUP_QID in a scratch directory; True when it worked."""
+    problem = by_qid(load_babelcode("humaneval", language))[WARMUP_QID]
+    stub = {s["qid"]: s["code"] for s in load_validation_predictions("humaneval", language)}
+    work = cache / "warm-up"
+    work.mkdir(exist_ok=True)
+    try:
+        (work / problem.spec.file_name()).write_text(
+            assemble(problem, stub[WARMUP_QID]), encoding="utf-8"
+        )
+        done = _run_trusted(list(argv), work, env=env)
+        return done.returncode == 0 and (not runs or "TEST-0..." in done.stdout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_trusted(
+    argv: list[str], cwd: Path, *, stdin: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """A toolchain command on trusted input (no sandbox), with the sandbox's environment."""
+    from codegemma.eval.sandbox import scrubbed_env
+
+    run_env = {
+        **scrubbed_env(),
+        **{k: v.replace("{home}", str(cwd)) for k, v in RUN_ENV.items()},
+        **(env or {}),
+    }
+    try:
+        return subprocess.run(
+            argv,
+            cwd=cwd,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=run_env,
+            timeout=PREPARE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return subprocess.CompletedProcess(argv, -1, "", str(e))
+
+
+def _readable(root: Path) -> None:
+    """Directories 0755 and files 0444 below `root`: the sandbox uid reads, nobody writes."""
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o444)
 
 
 def _resolve_tool(tool: str) -> tuple[str, str]:
