@@ -2,6 +2,7 @@
 resumability, pass@k over several samples, scoring foreign samples, the report and the CLI."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -302,6 +303,39 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
         assert summary["num_samples"] == 3 and set(summary["pass_at_k"]) == {"pass@1"}
         assert sum(summary["results"].values()) == 3
         assert summary["generation_seconds"] > 0
+
+
+def test_a_prompt_longer_than_the_context_is_truncated_from_the_left_and_counted(tmp_path):
+    """A small model's context can be shorter than a prompt (MBPP with its tests): the generator
+    keeps BOS and the prompt's end, generates, and the run's summary says how many it cut."""
+    import torch
+
+    import codegemma
+    from codegemma.checkpoint import save_model
+    from codegemma.config import ModelConfig
+    from codegemma.eval.runner import CodeGemmaGenerator
+    from codegemma.model import GemmaForCausalLM
+    from codegemma.train.tokenizer_trainer import train_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tasks = load_taskset("humaneval")
+    train_tokenizer([t.prompt + t.canonical_solution for t in tasks], 512, model_dir)
+    torch.manual_seed(0)
+    config = dataclasses.replace(ModelConfig.preset("tiny"), max_position_embeddings=64)
+    save_model(GemmaForCausalLM(config), config, model_dir)
+    gen = CodeGemmaGenerator(codegemma.load(model_dir, device="cpu"))
+    long_prompt = tasks[0].prompt * 3
+    ids = gen.cg.tokenizer.encode(long_prompt, bos=True)
+    assert len(ids) > 64
+    (out,) = gen.generate(
+        [long_prompt], stop=[], max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0
+    )
+    assert isinstance(out, str) and gen.truncated_prompts == 1
+    fitted = gen._fit(long_prompt, 8)
+    assert len(fitted) == 56 and fitted[0] == ids[0] and fitted[1:] == ids[-55:]
+    cfg = RunConfig(taskset="humaneval", model="tiny-64", limit=2, max_new_tokens=8, batch_size=2)
+    summary = run_eval(cfg, CodeGemmaGenerator(gen.cg), tmp_path / "run", progress=False)
+    assert summary["truncated_prompts"] == 2 and summary["num_samples"] == 2
 
 
 def test_every_kth_task_is_a_recorded_deterministic_subset(tmp_path):

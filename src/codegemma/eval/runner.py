@@ -66,14 +66,28 @@ class Generator(Protocol):
 
 
 class CodeGemmaGenerator:
-    """A `codegemma.load(...)` object as a Generator: raw FIM middles, plain continuations."""
+    """A `codegemma.load(...)` object as a Generator: raw FIM middles, plain continuations.
+
+    A continuation prompt that leaves no room for `max_new_tokens` in the model's context keeps
+    its BOS and its last tokens (left truncation, as lm-eval's `hf` model truncates): the task is
+    then scored as usual, and `truncated_prompts` counts them (the summary records it). A small
+    model's context can be shorter than an MBPP prompt with its tests."""
 
     def __init__(self, cg) -> None:
         self.cg = cg
+        self.truncated_prompts = 0
+
+    def _fit(self, prompt: str, max_new_tokens: int) -> list[int]:
+        ids = self.cg.tokenizer.encode(prompt, bos=True)
+        room = max(2, self.cg.engine.max_seq_len - max_new_tokens)
+        if len(ids) <= room:
+            return ids
+        self.truncated_prompts += 1
+        return ids[:1] + ids[len(ids) - room + 1 :]
 
     def generate(self, prompts, *, stop, max_new_tokens, temperature, top_p, seed):
         return self.cg.generate_batch(
-            list(prompts),
+            [self._fit(p, max_new_tokens) for p in prompts],
             stop=list(stop),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -390,6 +404,11 @@ def run_eval(
             "max_new_tokens": cfg.max_new_tokens,
             "timeout_s": cfg.timeout_s,
             **({"with_examples": True} if cfg.with_examples else {}),
+            **(
+                {"truncated_prompts": truncated}
+                if (truncated := getattr(generator, "truncated_prompts", 0))
+                else {}
+            ),
             "config": asdict(cfg),
         },
     )
