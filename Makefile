@@ -59,10 +59,12 @@ BUILD := build/model
 CG := $(BIN)/codegemma
 MBPP := src/codegemma/eval/tasks/data/mbpp/mbpp.jsonl
 PREPARE := --tokenizer $(BUILD)/tokenizer --seq-len 512 --mbpp $(MBPP) --quiet
-# The bundled model was trained before line-aligned FIM middles existed: its syntax middles keep
-# a line's indentation in the prefix (--line-align-rate 0; the default now widens half of them to
-# whole lines, the shape of an editor's or a benchmark's line infill; MODEL_CARD.md).
+# Two stages (MODEL_CARD.md): stage 1 on rows whose syntax middles keep a line's indentation in
+# the prefix (--line-align-rate 0), stage 2 continues from it on rows drawn with another seed and
+# the default line alignment (half of the middles widened to whole lines, the shape of an
+# editor's or a benchmark's line infill).
 STAGE1 := $(PREPARE) --line-align-rate 0
+STAGE2 := $(PREPARE) --seed 1
 TRAIN_SRC = cpython=build/corpus/train/Lib $$(cat build/corpus/packages-train.txt)
 HELDOUT_SRC = cpython=build/corpus/heldout/Lib $$(cat build/corpus/packages-heldout.txt)
 EVAL := --model $(MODEL_DIR) --batch-size 32 --quiet
@@ -74,7 +76,10 @@ model: $(STAMP)
 	$(CG) data prepare $(TRAIN_SRC) --out $(BUILD)/data $(STAGE1)
 	$(CG) data prepare $(HELDOUT_SRC) --out $(BUILD)/heldout $(STAGE1)
 	$(CG) train --config configs/codegemma-tiny.toml
-	$(BIN)/python scripts/export_model.py $(BUILD)/run $(MODEL_DIR)
+	$(BIN)/python scripts/export_model.py $(BUILD)/run $(BUILD)/stage1
+	$(CG) data prepare $(TRAIN_SRC) --out $(BUILD)/data-lines $(STAGE2)
+	$(CG) train --config configs/codegemma-tiny-stage2.toml
+	$(BIN)/python scripts/export_model.py $(BUILD)/run2 $(MODEL_DIR)
 	$(MAKE) model-card
 
 # The short scaling sweep that chose the bundled model's vocabulary, depth and width (after the
@@ -104,7 +109,7 @@ model-ablation: $(STAMP)
 
 # Evaluate the exported model and write its card (also after a `make model` interrupted late).
 model-card: $(STAMP)
-	$(CG) train plot $(BUILD)/run --out $(MODEL_DIR)/loss.png
+	$(CG) train plot $(BUILD)/run2 --out $(MODEL_DIR)/loss.png
 	$(CG) eval run humaneval-single-line $(EVAL) --out $(BUILD)/eval/single-line
 	$(CG) eval run humaneval-multi-line $(EVAL) --out $(BUILD)/eval/multi-line
 	$(CG) eval run humaneval $(EVAL) --out $(BUILD)/eval/humaneval
@@ -112,8 +117,11 @@ model-card: $(STAMP)
 	for lang in cpp csharp go java javascript kotlin python rust; do \
 	  $(CG) eval run bc-humaneval-$$lang $(EVAL) --out $(BUILD)/eval/bc-humaneval-$$lang || exit 1; \
 	done
-	$(BIN)/python scripts/model_card.py --corpus build/corpus --data $(BUILD)/data \
-	  --run $(BUILD)/run --model $(MODEL_DIR) --eval $(BUILD)/eval/* \
+	cd tests/eval/data/lm_tasks && $(abspath $(CG)) eval lm-eval --model $(abspath $(MODEL_DIR)) \
+	  --include-path . --out $(abspath $(BUILD))/eval/lm-local \
+	  --tasks codegemma_test_mc,codegemma_test_gen,codegemma_test_ppl
+	$(BIN)/python scripts/model_card.py --corpus build/corpus --data $(BUILD)/data-lines \
+	  --run $(BUILD)/run $(BUILD)/run2 --model $(MODEL_DIR) --eval $(BUILD)/eval/* \
 	  --sweep build/sweep/result.json --ablation build/ablation/result.json \
 	  --out $(MODEL_DIR)/MODEL_CARD.md
 

@@ -208,8 +208,8 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # What `make model` trains: the 2B's shape (MQA, GeGLU) scaled to what two CPU cores train in
     # about an hour (4 x 192: the loss of 6 x 256 per step at 2x its tokens/s in `make
-    # model-sweep`); its vocabulary is the tokenizer `make model` trains. The model shipped in
-    # src/codegemma/assets/ is still the first recipe's 6 x 256 (its MODEL_CARD.md).
+    # model-sweep`); its vocabulary is the tokenizer `make model` trains. The bundled model in
+    # src/codegemma/assets/ is this shape (its MODEL_CARD.md).
     "mini": ModelConfig(
         vocab_size=8192,
         hidden_size=192,
