@@ -213,8 +213,8 @@ def stage_table(run: Path) -> str:
 def docstring_share(eval_dirs: list[Path]) -> str:
     """Share of single-line infilling middles that open a docstring (a measured symptom)."""
     for d in eval_dirs:
-        summary = json.loads((Path(d) / "summary.json").read_text())
-        if summary["taskset"] == "humaneval-single-line":
+        path = Path(d) / "summary.json"  # (lm-eval's directories hold results.json instead)
+        if path.is_file() and json.loads(path.read_text())["taskset"] == "humaneval-single-line":
             rows = [json.loads(ln) for ln in (Path(d) / "samples.jsonl").read_text().splitlines()]
             share = sum(r["raw"].lstrip().startswith('"""') for r in rows) / len(rows)
             return f" ({share:.0%} of its {len(rows):,} single-line infilling middles do)"

@@ -4,6 +4,7 @@ resumability, pass@k over several samples, scoring foreign samples, the report a
 import argparse
 import dataclasses
 import json
+import types
 
 import pytest
 
@@ -245,6 +246,9 @@ def test_cli_run_uses_the_loaded_model(tmp_path, monkeypatch, capsys):
     seen = {}
 
     class FakeLoaded:  # stands in for codegemma.load(...): generate_batch like the real API
+        tokenizer = codegemma.load().tokenizer  # the bundled model's: prompts are measured
+        engine = types.SimpleNamespace(max_seq_len=8192)
+
         def generate_batch(self, prompts, *, stop, max_new_tokens, temperature, top_p, seed):
             seen.update(stop=stop, max_new_tokens=max_new_tokens)
             return canon.generate(
@@ -332,10 +336,12 @@ def test_a_prompt_longer_than_the_context_is_truncated_from_the_left_and_counted
     )
     assert isinstance(out, str) and gen.truncated_prompts == 1
     fitted = gen._fit(long_prompt, 8)
+    assert gen._fit(tasks[0].prompt[:40], 8) == tasks[0].prompt[:40]  # fits: as it is
     assert len(fitted) == 56 and fitted[0] == ids[0] and fitted[1:] == ids[-55:]
     cfg = RunConfig(taskset="humaneval", model="tiny-64", limit=2, max_new_tokens=8, batch_size=2)
     summary = run_eval(cfg, CodeGemmaGenerator(gen.cg), tmp_path / "run", progress=False)
     assert summary["truncated_prompts"] == 2 and summary["num_samples"] == 2
+    assert "2 prompt(s) cut from the left to fit the context" in report([tmp_path / "run"])
 
 
 def test_every_kth_task_is_a_recorded_deterministic_subset(tmp_path):

@@ -186,6 +186,8 @@ def _notes(summaries: list[dict]) -> str:
             how += f"; a subset: every {cfg['every']}th task of the set"
         if s.get("set_size") and s["num_tasks"] < s["set_size"]:
             how += f"; PARTIAL: {s['num_tasks']} of the set's {s['set_size']} tasks"
+        if s.get("truncated_prompts"):
+            how += f"; {s['truncated_prompts']} prompt(s) cut from the left to fit the context"
         notes.append(
             f"- {s['model']} on {s['taskset']}: {s['num_tasks']} tasks, "
             f"{s['samples_per_task']} sample(s)/task ({ks}); {how}; "

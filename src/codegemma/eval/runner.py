@@ -77,11 +77,12 @@ class CodeGemmaGenerator:
         self.cg = cg
         self.truncated_prompts = 0
 
-    def _fit(self, prompt: str, max_new_tokens: int) -> list[int]:
+    def _fit(self, prompt: str, max_new_tokens: int) -> str | list[int]:
+        """The prompt as it is where it fits, else its cut token ids."""
         ids = self.cg.tokenizer.encode(prompt, bos=True)
         room = max(2, self.cg.engine.max_seq_len - max_new_tokens)
         if len(ids) <= room:
-            return ids
+            return prompt
         self.truncated_prompts += 1
         return ids[:1] + ids[len(ids) - room + 1 :]
 
