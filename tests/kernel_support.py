@@ -4,6 +4,7 @@ instruction-set variants that other CPUs get, built and run here (this CPU runs 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from codegemma import kernels
 
@@ -26,3 +27,13 @@ def variant_library(flags: tuple[str, ...], isa: int) -> kernels._Library:
     lib = kernels._Library(kernels.build(extra_flags=flags))
     assert lib.isa == isa
     return lib
+
+
+def random_cache(model, rows: int, length: int, seed: int = 0):
+    """A cache full of random keys and values (as if earlier tokens had been prefilled)."""
+    cache = model.new_cache(rows, length)
+    g = torch.Generator().manual_seed(seed)
+    for layer in cache.layers:
+        for buf in (layer.k, layer.v):
+            buf.copy_(torch.randn(buf.shape, generator=g))
+    return cache

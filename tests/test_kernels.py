@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_support import BF16_EPS, isa_variants, needs_kernels, variant_library
+from kernel_support import BF16_EPS, isa_variants, needs_kernels, random_cache, variant_library
 
 from codegemma import kernels
 from codegemma.config import ModelConfig
@@ -269,16 +269,6 @@ def test_kernels_off_by_environment_and_without_compiler_fall_back_quietly(tmp_p
 
 
 # -- the whole decode step in one call (kernels.step.DecodeStep, built by the engine) ------------
-def random_cache(model: GemmaForCausalLM, rows: int, length: int, seed: int):
-    """A cache full of random keys and values (as if earlier tokens had been prefilled)."""
-    cache = model.new_cache(rows, length)
-    g = torch.Generator().manual_seed(seed)
-    for layer in cache.layers:
-        for buf in (layer.k, layer.v):
-            buf.copy_(torch.randn(buf.shape, generator=g))
-    return cache
-
-
 def decode_both(model, ids, pos, rows, cache_rows, cache_len, seed=0):
     """One decode step by DecodeStep and through the modules, each on its own copy of the same
     cache: (step logits, module logits, step cache, module cache, the untouched original)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_support import BF16_EPS, isa_variants, needs_kernels, variant_library
+from kernel_support import BF16_EPS, isa_variants, needs_kernels, random_cache, variant_library
 
 from codegemma import kernels, quant
 from codegemma.config import ModelConfig
@@ -231,15 +231,6 @@ def mixed_model(mix: str, dtype: torch.dtype, seed: int = 0) -> GemmaForCausalLM
     blocks = random_blocks(embed.shape[0], embed.shape[1], "Q6_K", g)
     model.model.embed_tokens = quant.QuantizedEmbedding(*embed.shape, "Q6_K", blocks)
     return model
-
-
-def random_cache(model, rows: int, length: int, seed: int = 0):
-    cache = model.new_cache(rows, length)
-    g = torch.Generator().manual_seed(seed)
-    for layer in cache.layers:
-        for buf in (layer.k, layer.v):
-            buf.copy_(torch.randn(buf.shape, generator=g))
-    return cache
 
 
 def step_and_reference(model, ids, pos, rows, cache_rows, cache_len):
