@@ -199,16 +199,22 @@ def _within_reach(request: FimRequest, chars: int) -> FimRequest:
     )
 
 
-def _fim_ids(ctx: ServingContext, request: FimRequest, max_tokens: int, param: str) -> list[int]:
+def _fim_budget(ctx: ServingContext, max_tokens: int, param: str) -> int:
+    """Prompt tokens a FIM request generating `max_tokens` (request field `param`) may use."""
     budget = min(ctx.max_seq_len - max_tokens, ctx.max_prompt_tokens)
     if budget < MIN_FIM_BUDGET:
         raise APIError(
             400,
-            f"max_tokens={max_tokens} leaves no room for a FIM prompt in the "
+            f"{param}={max_tokens} leaves no room for a FIM prompt in the "
             f"{ctx.max_seq_len}-token context",
             param=param,
             code="context_length_exceeded",
         )
+    return budget
+
+
+def _fim_ids(ctx: ServingContext, request: FimRequest, max_tokens: int, param: str) -> list[int]:
+    budget = _fim_budget(ctx, max_tokens, param)
     try:
         return completion.build_prompt(
             ctx.tokenizer, _within_reach(request, ctx.chars_for(budget)), budget
@@ -423,15 +429,7 @@ def plan_infill(ctx: ServingContext, req: protocol.InfillRequest) -> Plan:
         files=tuple(ContextFile(path=c.filename, text=c.text) for c in req.input_extra),
         fim_mode=ctx.settings.fim_mode,
     )
-    budget = min(ctx.max_seq_len - n_predict, ctx.max_prompt_tokens)
-    if budget < MIN_FIM_BUDGET:
-        raise APIError(
-            400,
-            f"n_predict={n_predict} leaves no room for a FIM prompt in the "
-            f"{ctx.max_seq_len}-token context",
-            param="n_predict",
-            code="context_length_exceeded",
-        )
+    budget = _fim_budget(ctx, n_predict, "n_predict")
     reachable = _within_reach(fim, ctx.chars_for(budget))
     try:
         fitted = prompts.fit_infill_prompt(
