@@ -234,6 +234,10 @@ static inline void q6_k_factors(const uint8_t *b, float ds[16]) {
             }                                                                                 \
     }
 
+/* One activation row against quantized rows of at most this many values reads the weight rows
+ * one at a time (qgemv_share, cpu_typed.h) */
+#define QSHORT_K 4096
+
 /* Activation rows per pass over RQ quantized weight rows: RQ x QCHUNK accumulators (16 of
  * AVX-512's 32 vector registers; 8 of AVX2's 16). */
 #define QCHUNK 4

@@ -136,7 +136,12 @@ static inline void FN(widen)(const T *x, float *xf, int64_t n) {
 
 /* gemv_share for a weight matrix in a quantized format fmt (cpu_quant.h), reading the activations
  * in fp32 (xf [M, K]): groups of RQ weight rows, each decoded once per QCHUNK activation rows
- * (statically scheduled: the same rows per thread for the same N). With `gelu_into`,
+ * (statically scheduled: the same rows per thread for the same N). One activation row against
+ * short rows (K <= QSHORT_K) takes the weight rows one at a time: RQ rows in lockstep are RQ
+ * streams a few KB apart, which the prefetcher serves 2-3x slower than one stream (2B's K = 2048
+ * rows, every format). Against long rows the lockstep wins (1.1-1.7x at K = 16384: x no longer
+ * fits in L1, and each of its loads serves RQ rows), as it does with several activation rows,
+ * where the decoding dominates. With `gelu_into`,
  * y (holding gate's output) becomes the MLP's product as in gemv_share_wide, and yf (if not NULL)
  * gets y's values in fp32 too. */
 static void FN(qgemv_share)(const float *xf, const uint8_t *w, int fmt, T *y, float *yf,
@@ -145,7 +150,10 @@ static void FN(qgemv_share)(const float *xf, const uint8_t *w, int fmt, T *y, fl
 #pragma omp for schedule(static) nowait
     for (int64_t g = 0; g < (N + RQ - 1) / RQ; g++) {
         int64_t n0 = g * RQ;
-        int R = N - n0 >= RQ ? RQ : N - n0 >= 2 ? 2 : 1; /* the last rows in smaller groups */
+        int R = M == 1 && K <= QSHORT_K ? 1
+                : N - n0 >= RQ              ? RQ
+                : N - n0 >= 2               ? 2
+                                            : 1; /* the last rows in smaller groups */
         for (int64_t n = n0; n < n0 + RQ && n < N; n += R) {
             if (N - n < R) R = 1;
             for (int64_t m0 = 0; m0 < M; m0 += QCHUNK) {
