@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as GT
 from tiny_corpus_texts import tiny_corpus
 
 import codegemma
-from codegemma import export, quant
+from codegemma import export, kernels, quant
 from codegemma.checkpoint import load_model, resolve_model, save_model
 from codegemma.config import ModelConfig
 from codegemma.errors import CheckpointError
@@ -177,11 +177,42 @@ def test_a_bf16_gguf_loads_as_bf16_views(model_dir, tmp_path) -> None:
 def test_quantized_gguf_equals_a_model_of_its_dequantized_weights(model_dir, tmp_path, qtype):
     tensors = converted(model_dir, qtype)
     path = write_like_llama_cpp(tmp_path / "m.gguf", model_dir, tensors)
-    model, config, _ = load_gguf(path)
+    model, config, _ = load_gguf(path, dtype=torch.float32)
     assert model.quantized and config.torch_dtype == "float32"
     blocks = model.model.layers[1].mlp.down_proj.weight
     np.testing.assert_array_equal(blocks.numpy(), tensors["blk.1.ffn_down.weight"][1])
     assert_same_logits(logits(model), logits(dequantized_reference(model_dir, tensors)))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_quantized_gguf_computes_in_bf16_where_the_cpu_multiplies_bf16(
+    model_dir, tmp_path, monkeypatch, native
+) -> None:
+    """Unless told: bf16 on a CPU with native bf16 dot products (its GEMMs are the fast ones),
+    else fp32; a float embedding's own type wins either way, and an explicit dtype over both."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda: native)
+    path = write_like_llama_cpp(tmp_path / "q.gguf", model_dir, converted(model_dir, GT.Q8_0))
+    cg = codegemma.load(path, device="cpu")
+    want = torch.bfloat16 if native else torch.float32
+    assert cg.config.torch_dtype == str(want).removeprefix("torch.")
+    assert cg.model.model.norm.weight.dtype == want
+    assert logits(cg.model).isfinite().all()
+    assert codegemma.load(path, dtype="float32", device="cpu").config.torch_dtype == "float32"
+    f32 = write_like_llama_cpp(tmp_path / "f.gguf", model_dir, converted(model_dir, GT.F32))
+    assert codegemma.load(f32, device="cpu").config.torch_dtype == "float32"
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch) -> None:
+    kernels.native_bf16.cache_clear()
+    try:
+        for flags, want in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                            ("fpu amx_bf16 amx_tile", True)):
+            monkeypatch.setattr(kernels, "_cpu_key", lambda f=flags: f"flags\t\t: {f}")
+            kernels.native_bf16.cache_clear()
+            assert kernels.native_bf16() is want
+    finally:
+        monkeypatch.undo()
+        kernels.native_bf16.cache_clear()
 
 
 def random_k_blocks(rng: np.random.Generator, qtype: GT, rows: int, cols: int) -> np.ndarray:
@@ -214,7 +245,7 @@ def test_q4_k_and_q6_k_ggufs_load_and_match_their_dequantized_weights(
             qtype = GT.Q6_K if "embed" in name or "down_proj" in name else GT.Q4_K
             tensors[llama_cpp_name(name)] = (qtype, random_k_blocks(rng, qtype, *t.shape))
     path = write_like_llama_cpp(tmp_path / "k.gguf", src, tensors)
-    loaded = codegemma.load(path, device="cpu")
+    loaded = codegemma.load(path, dtype="float32", device="cpu")
     assert loaded.model.model.embed_tokens.format.name == "Q6_K"
     assert_same_logits(logits(loaded.model), logits(dequantized_reference(src, tensors)))
 
@@ -371,8 +402,8 @@ def test_export_command(model_dir, tmp_path, capsys) -> None:
 
 def test_load_quantizes_a_checkpoint_like_the_exported_gguf(model_dir, tmp_path) -> None:
     out = export.export_gguf(model_dir, tmp_path / "q.gguf", type="q4_0")
-    from_gguf = codegemma.load(out, device="cpu")
     at_load = codegemma.load(model_dir, device="cpu", quantize="q4_0")
+    from_gguf = codegemma.load(out, dtype=at_load.config.torch_dtype, device="cpu")
     for (name, a), (_, b) in zip(
         from_gguf.model.named_buffers(), at_load.model.named_buffers(), strict=True
     ):

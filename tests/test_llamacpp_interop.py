@@ -109,8 +109,11 @@ def served(request, files, tmp_path_factory):
     port = llamacpp.free_port()
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
     cmd = llamacpp.llama_server_cmd(path, port, threads=2, ctx=2048)
+    ours = codegemma.load(path, device="cpu")
+    if ours.model.quantized:  # llama.cpp's activations are fp32 (where ours default to bf16)
+        ours = codegemma.load(path, dtype="float32", device="cpu")
     with llamacpp.server_process(cmd, port, log, timeout=120) as (url, _):
-        yield name, path, url, codegemma.load(path, device="cpu")
+        yield name, path, url, ours
 
 
 def test_greedy_tokens_equal_llamacpp(served):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from codegemma import kernels
 from codegemma.config import ConfigError, ModelConfig
 from codegemma.errors import CheckpointError, TokenizerError
 from codegemma.model import GemmaForCausalLM
@@ -155,7 +156,7 @@ class GGUFFile:
 # -- config ---------------------------------------------------------------------------------------
 def read_config(f: GGUFFile, dtype: torch.dtype | None = None) -> ModelConfig:
     """ModelConfig from `gemma.*` metadata; vocab from token_embd's rows; compute dtype `dtype`,
-    else the embedding's float type (quantized embedding: float32)."""
+    else the embedding's float type, else (a quantized embedding) `quantized_compute_dtype()`."""
     arch = f.get("general.architecture")
     if arch != ARCH:
         raise CheckpointError(
@@ -168,7 +169,7 @@ def read_config(f: GGUFFile, dtype: torch.dtype | None = None) -> ModelConfig:
     heads = int(f.require(f"{ARCH}.attention.head_count"))
     hidden = int(f.require(f"{ARCH}.embedding_length"))
     if dtype is None:
-        dtype = _float_dtype(embed.tensor_type.name) or torch.float32
+        dtype = _float_dtype(embed.tensor_type.name) or quantized_compute_dtype()
     ids = {k: f.get(key) for k, key in TOKEN_ID_KEYS.items() if k in ("bos", "eos", "pad")}
     try:
         return ModelConfig(
@@ -190,6 +191,13 @@ def read_config(f: GGUFFile, dtype: torch.dtype | None = None) -> ModelConfig:
         )
     except ConfigError as e:
         raise CheckpointError(f"{f.path}: its gemma.* metadata is not a valid config: {e}") from e
+
+
+def quantized_compute_dtype() -> torch.dtype:
+    """What a quantized GGUF computes in unless told: bf16 (Gemma's own dtype) on a CPU that
+    multiplies bf16 natively, where prefill's dequantized GEMMs run 4.4x faster than in fp32 on a
+    2B at Q4_0 (decode reads the blocks either way); fp32 elsewhere, where bf16 GEMMs are slow."""
+    return torch.bfloat16 if kernels.native_bf16() else torch.float32
 
 
 def _decimal(value: float) -> float:
@@ -286,7 +294,7 @@ def load_gguf(
 ) -> tuple[GemmaForCausalLM, ModelConfig, Tokenizer]:
     """(model in eval mode, config, tokenizer) from a GGUF file. Quantized tensors stay
     quantized; float tensors get the compute dtype (`dtype`, default the embedding's float type,
-    float32 when it is quantized)."""
+    `quantized_compute_dtype()` when it is quantized)."""
     device = torch.device("cpu" if device is None else device)
     f = GGUFFile.open(path)
     config = read_config(f, dtype)

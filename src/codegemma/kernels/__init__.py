@@ -74,6 +74,14 @@ def _cpu_key() -> str:
     return "\n".join(sorted(set(lines)))
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the avx512_bf16 or amx_bf16 flag): there torch's
+    bf16 GEMM is several times faster than its fp32 one (a quantized 2B's prefill: 4.4x)."""
+    flags = next((ln for ln in _cpu_key().splitlines() if ln.startswith("flags")), "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile cpu.c for this CPU (once; later calls find it) and return the library's path.
     `extra_flags` (e.g. -mno-avx512f) build a lower instruction-set variant, for tests.
