@@ -25,11 +25,7 @@ from codegemma.eval.tasks import babelcode as bc
 VERDICTS = Path(__file__).parent / "data" / "babelcode_verdicts.json.gz"
 COUNTS = {"humaneval": 161, "mbpp": 855}
 SETS = [f"{d}-{lang}" for d in COUNTS for lang in bc.LANGUAGES]
-PARTIAL = {"mbpp-kotlin"}  # its recorded problems are a subset (every kotlinc run is a JVM)
-# Sets whose run of BabelCode's harness is not recorded yet (about 40 minutes of both cores for the
-# two; tests/eval/data/README.md has the command): compared nowhere until they are.
-NOT_RECORDED = {"humaneval-kotlin", "mbpp-kotlin"}
-RECORDED = [n for n in SETS if n not in NOT_RECORDED]
+PARTIAL = {"mbpp-kotlin"}  # its recorded problems are its first 200 (every kotlinc run is a JVM)
 SCALE = float(os.environ.get("CODEGEMMA_BABELCODE_TIMEOUT_SCALE", "0"))  # 0: the recorded
 
 
@@ -56,22 +52,21 @@ def tally(verdicts: dict) -> Counter:
 
 def test_recorded_verdicts_cover_the_sets_and_show_what_babelcode_reports():
     sets = recorded()
-    assert sorted(sets) == sorted(RECORDED)
-    for name in RECORDED:
+    assert sorted(sets) == sorted(SETS)
+    for name in SETS:
         dataset, language = name.split("-")
-        order = [p.qid for p in bc.load_babelcode(dataset, language)]
+        problems = bc.load_babelcode(dataset, language)
+        order, by_qid = [p.qid for p in problems], bc.by_qid(problems)
         got = set(sets[name]["verdicts"])  # (the file's keys are sorted as strings)
         want = order[: len(got)] if name in PARTIAL else order  # a partial set: its first problems
         assert got == set(want), f"{name}: not the set's problems"
         for qid, (outcome, tests) in sets[name]["verdicts"].items():
             assert outcome in {"Passed", "Failed Tests", "Had Error", "Had Runtime Error"}, qid
-            problem_ids = bc.by_qid(bc.load_babelcode(dataset, language))[qid].test_case_ids
+            problem_ids = by_qid[qid].test_case_ids
             assert sorted(tests) == sorted(problem_ids), (name, qid)
     # The numbers from BabelCode's harness: HumanEval stubs pass 336 test cases and fail
     # 807 in every language; the Python gold solutions pass 161/161 HumanEval and 788/855 MBPP.
     for language in bc.LANGUAGES:
-        if f"humaneval-{language}" in NOT_RECORDED:
-            continue
         he = tally(sets[f"humaneval-{language}"]["verdicts"])
         if language == "python":
             assert he["Passed"] == 161
@@ -124,9 +119,7 @@ FAST = {"kotlin": {"humaneval": 1, "mbpp": 0}}
 @pytest.mark.parametrize("language", [pytest.param(x, marks=needs(x)) for x in bc.LANGUAGES])
 def test_stub_verdicts_on_a_subset_equal_babelcodes_harness(language):
     per = FAST.get(language, {"humaneval": 2, "mbpp": 4})
-    names = [f"{d}-{language}" for d in COUNTS if per[d] and f"{d}-{language}" in RECORDED]
-    if not names:
-        pytest.skip(f"no recorded verdicts for {language} yet (NOT_RECORDED)")
+    names = [f"{d}-{language}" for d in COUNTS if per[d]]
     timeout = max(timeout_for(n) for n in names)
     with babelcode_sandbox(language, timeout, reuse=language != "kotlin") as sandbox:
         for name in names:
@@ -136,7 +129,7 @@ def test_stub_verdicts_on_a_subset_equal_babelcodes_harness(language):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=needs(n.split("-")[1])) for n in RECORDED], ids=RECORDED
+    "name", [pytest.param(n, marks=needs(n.split("-")[1])) for n in SETS], ids=SETS
 )
 def test_stub_verdicts_on_every_recorded_problem_equal_babelcodes_harness(name):
     with babelcode_sandbox(name.split("-")[1], timeout_for(name)) as sandbox:
