@@ -23,6 +23,7 @@ the two is that run's; "% of limit" is the median over rounds of decode tok/s x 
     python benchmarks/bench_llamacpp.py                    # bf16, q8_0, q4_0, q4_k_m; 2 rounds
     python benchmarks/bench_llamacpp.py --types q4_0 --rounds 3 --reps 5
     python benchmarks/bench_llamacpp.py --quick            # pp64 tg16, 1 repetition, 1 round
+    python benchmarks/bench_llamacpp.py --types q4_0 --dtype float32   # ours in fp32 (see --dtype)
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def tensor_bytes(path: Path) -> int:
 
 
 # -- ours, in a subprocess ------------------------------------------------------------------------
-def worker(model: str, threads: int, prompt: int, gen: int, reps: int) -> dict:
+def worker(model: str, threads: int, prompt: int, gen: int, reps: int, dtype: str | None) -> dict:
     import torch
 
     import codegemma
@@ -73,7 +74,7 @@ def worker(model: str, threads: int, prompt: int, gen: int, reps: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cg = codegemma.load(model, device="cpu")
+    cg = codegemma.load(model, dtype=dtype, device="cpu")
     bos, vocab = cg.tokenizer.special.bos, cg.config.vocab_size
     engine = Engine(
         cg.model, max_batch_size=1, prefix_cache=False, speculative=False, prefill_tokens=prompt
@@ -109,6 +110,8 @@ def worker(model: str, threads: int, prompt: int, gen: int, reps: int) -> dict:
 def run_ours(model: Path, args) -> tuple[dict, int]:
     cmd = [sys.executable, __file__, "--worker", str(model), "--threads", str(args.threads)]
     cmd += ["--prompt", str(args.prompt), "--gen", str(args.gen), "--reps", str(args.reps)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     out, rss = llamacpp.run_measured(cmd)
     return json.loads(out.strip().splitlines()[-1]), rss
 
@@ -219,10 +222,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
     parser.add_argument("--quick", action="store_true", help="pp64 tg16, 1 repetition, 1 round")
     parser.add_argument("--cache", type=Path, default=None, help="checkpoint and GGUF directory")
+    parser.add_argument(
+        "--dtype", default=None, help="our compute dtype (default: codegemma.load's for the file)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads, args.prompt, args.gen, args.reps)))
+        print(
+            json.dumps(
+                worker(args.worker, args.threads, args.prompt, args.gen, args.reps, args.dtype)
+            )
+        )
         return
     if args.quick:
         args.prompt, args.gen, args.reps, args.rounds = 64, 16, 1, 1

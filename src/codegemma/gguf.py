@@ -195,8 +195,9 @@ def read_config(f: GGUFFile, dtype: torch.dtype | None = None) -> ModelConfig:
 
 def quantized_compute_dtype() -> torch.dtype:
     """What a quantized GGUF computes in unless told: bf16 (Gemma's own dtype) on a CPU that
-    multiplies bf16 natively, where prefill's dequantized GEMMs run 4.4x faster than in fp32 on a
-    2B at Q4_0 (decode reads the blocks either way); fp32 elsewhere, where bf16 GEMMs are slow."""
+    multiplies bf16 natively, where prefill's dequantized GEMMs run several times faster than in
+    fp32 (decode reads the blocks either way; docs/benchmarks.md, bench_llamacpp.py --dtype);
+    fp32 elsewhere, where bf16 GEMMs are slow."""
     return torch.bfloat16 if kernels.native_bf16() else torch.float32
 
 
