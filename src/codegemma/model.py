@@ -16,7 +16,10 @@ decoded side by side, and a server can put unrelated requests in different rows 
 position p attends to cache entries 0..p of its own row only, and padding written beyond a row's end
 is overwritten before it is ever attended to.
 
-Plain torch, as gpt-fast's model.py: no kernels are called from here. Speed is applied from outside:
+Plain torch, as gpt-fast's model.py: no compiled kernels are called from here (the float matmuls go
+through `Linear`, i.e. kernels.linear, which only picks between torch's own GEMMs, MKL's and
+oneDNN's, by the CPU: the same product, its sums perhaps in another order). Speed is applied
+from outside:
 the engine (engine/engine.py) runs its decode steps on CPU through kernels.step.DecodeStep, the
 whole step in one call with this file's math, built from whatever weights the model holds; a
 direct call of this model with a cache always runs the modules.
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codegemma import kernels
 from codegemma.config import ModelConfig
 from codegemma.quant import QuantizedEmbedding, QuantizedMatrix, is_quantized
 
@@ -52,6 +56,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, computed by kernels.linear (the faster of torch's GEMMs here)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        if bias:
+            raise ValueError("Gemma's linear layers have no bias")
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -194,10 +210,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         d, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d, q, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.o_proj = nn.Linear(q, d, bias=False)
+        self.q_proj = Linear(d, q)
+        self.k_proj = Linear(d, kv)
+        self.v_proj = Linear(d, kv)
+        self.o_proj = Linear(q, d)
 
     def forward(
         self,
@@ -243,9 +259,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -296,9 +312,7 @@ class GemmaForCausalLM(nn.Module):
         self.model = GemmaModel(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
         self.gradient_checkpointing = False
 
@@ -382,7 +396,7 @@ class GemmaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(head, QuantizedMatrix):
             return head.project(h)
-        return F.linear(h, self.output_embedding)
+        return kernels.linear(h, self.output_embedding)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         table = self.model.embed_tokens

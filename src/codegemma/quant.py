@@ -317,18 +317,18 @@ class QuantizedMatrix(nn.Module):
 
     def _tiled(self, x: Tensor) -> Tensor:
         """x @ W^T for many rows: tiles of W's rows dequantized (into one reused buffer) and
-        multiplied by F.linear, each into its columns of the output."""
+        multiplied by kernels.linear, each into its columns of the output."""
         tile = max(1, min(self.rows, DEQUANT_TILE // self.cols))
         buffer = _tile_buffer(tile * self.cols, x.dtype)
         if tile == self.rows:  # one tile: the GEMM writes the output itself
             w = buffer[: self.rows * self.cols].view(self.rows, self.cols)
-            return F.linear(x, kernels.dequantize(self.weight, self.format, x.dtype, out=w))
+            return kernels.linear(x, kernels.dequantize(self.weight, self.format, x.dtype, out=w))
         out = torch.empty(x.shape[:-1] + (self.rows,), dtype=x.dtype)
         for n0 in range(0, self.rows, tile):
             n1 = min(self.rows, n0 + tile)
             w = buffer[: (n1 - n0) * self.cols].view(n1 - n0, self.cols)
             kernels.dequantize(self.weight[n0:n1], self.format, x.dtype, out=w)
-            out[..., n0:n1] = F.linear(x, w)
+            out[..., n0:n1] = kernels.linear(x, w)
         return out
 
     def extra_repr(self) -> str:

@@ -14,9 +14,14 @@ The C file ships with the package and is compiled on first use with the system C
 (`$CC`, else `cc`/`gcc`) for this CPU (-march=native; the code uses AVX2/AVX-512 intrinsics and
 never AMX), into `$XDG_CACHE_HOME/codegemma/kernels/<hash>/` (a temp file renamed into place, so
 concurrent first uses are safe). Without a compiler, off x86-64, or with `CODEGEMMA_KERNELS=0`,
-`library()` is None and callers keep torch's ops. Nothing here is called from model.py: the
-engine (decode) and quant.py (quantized matmuls) choose the kernels, and only for plain CPU
-tensors outside autograd and torch.compile (`usable`).
+`library()` is None and callers keep torch's ops. model.py calls none of the compiled kernels:
+the engine (decode) and quant.py (quantized matmuls) choose them, and only for plain CPU tensors
+outside autograd and torch.compile (`usable`).
+
+`linear` is the other choice made here, between two GEMMs that torch itself ships: every float
+matmul of model.py and quant.py goes through it. torch's fp32 GEMM is MKL's, and MKL takes its
+AVX-512 code only on Intel CPUs; elsewhere (AMD's EPYC, which has AVX-512 too) it runs its AVX2
+code, and torch's oneDNN matmul is 2-3x faster on prefill-sized products (bench_linear.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,9 @@ MAX_ROWS_WIDE = {torch.float32: 16, torch.bfloat16: 8}
 # Activation rows up to which `qgemv` (each weight row decoded once per 8 rows) beats dequantizing
 # the matrix for torch's GEMM (bench_gemv.py --formats); quant.py switches there.
 MAX_ROWS_QUANT = 16
+# fp32 products of at least this many multiply-adds (M * K * N) go to oneDNN where `onednn_fp32()`;
+# below it oneDNN's cost per call loses to MKL (bench_linear.py: 8x192 @ 192x768 ties)
+ONEDNN_MIN_MACS = 1 << 21
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ISA_NAMES = {1: "avx2", 2: "avx512", 3: "avx512-bf16"}
 # ggml type ids (GGUF's, quant.FORMATS' ggml_type) the kernels read: the two float dtypes, as the
@@ -65,21 +74,58 @@ def cache_dir() -> Path:
 
 
 def _cpu_key() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
+    """What -march=native compiles for: the CPU's vendor, model and flags."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    lines = [ln for ln in info.splitlines() if ln.startswith(("vendor_id", "model name", "flags"))]
     return "\n".join(sorted(set(lines)))
+
+
+def _cpu_flags() -> list[str]:
+    return next((ln for ln in _cpu_key().splitlines() if ln.startswith("flags")), "").split()
 
 
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (the avx512_bf16 or amx_bf16 flag): there torch's
     bf16 GEMM is several times faster than its fp32 one."""
-    flags = next((ln for ln in _cpu_key().splitlines() if ln.startswith("flags")), "").split()
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def onednn_fp32() -> bool:
+    """Whether fp32 CPU matmuls should go to torch's oneDNN instead of MKL: on an x86-64 CPU with
+    AVX-512 that is not Intel's, whose MKL sgemm keeps to AVX2 (see the module's docstring).
+    `CODEGEMMA_ONEDNN=1` or `0` decides instead."""
+    forced = os.environ.get("CODEGEMMA_ONEDNN")
+    if forced in ("0", "1"):
+        return forced == "1" and torch.backends.mkldnn.is_available()
+    key = _cpu_key()
+    intel = "GenuineIntel" in key or "vendor_id" not in key  # unknown: keep torch's own choice
+    return torch.backends.mkldnn.is_available() and "avx512f" in _cpu_flags() and not intel
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear(x, weight) (x [..., K], weight [N, K], no bias), by oneDNN where `onednn_fp32()`
+    and the product is large enough: plain fp32 CPU tensors outside autograd and torch.compile.
+    Each output is a float32 dot product either way; oneDNN may sum it in another order."""
+    if (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and x.is_cpu
+        and weight.is_cpu
+        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and onednn_fp32()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
 
 
 def build(directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
