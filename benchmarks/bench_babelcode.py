@@ -4,7 +4,8 @@ The predictions are BabelCode's own validation predictions (bundled in
 data/babelcode/*.validation.jsonl.gz: a stub returning the first test's expected output, or for
 Python the gold solution), the same for both harnesses, in one run. Ours runs each program in its
 BabelCodeSandbox (namespaces, own uid, seccomp, rlimits) with what the run reuses between
-programs (babelcode.REUSE: a precompiled bits/stdc++.h, JVM class-data-sharing archives);
+programs (babelcode.REUSE: a precompiled bits/stdc++.h, JVM class-data-sharing archives, Go's
+link without symbol table and DWARF, an empty virtual environment for Python);
 `--no-reuse` adds a column without it (the harness before that change). BabelCode's
 evaluate_predictions.py runs from a checkout you give (google-research/babelcode at d37a231) with
 the Python of a venv holding its requirements; its test code is written from our bundled rows

@@ -205,8 +205,11 @@ def test_a_quantized_gguf_computes_in_bf16_where_the_cpu_multiplies_bf16(
 def test_native_bf16_reads_the_cpu_flags(monkeypatch) -> None:
     kernels.native_bf16.cache_clear()
     try:
-        for flags, want in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
-                            ("fpu amx_bf16 amx_tile", True)):
+        for flags, want in (
+            ("fpu avx2 avx512f", False),
+            ("fpu avx512f avx512_bf16", True),
+            ("fpu amx_bf16 amx_tile", True),
+        ):
             monkeypatch.setattr(kernels, "_cpu_key", lambda f=flags: f"flags\t\t: {f}")
             kernels.native_bf16.cache_clear()
             assert kernels.native_bf16() is want

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -201,6 +202,45 @@ def test_kotlin_runs_with_its_archive_c1_and_the_scripts_own_heap_flags():
         r = run_with(sb, sb.toolchain.commands[0], env={"JAVA_OPTS": f"{opts} {LOG}"}, then=[COUNT])
         assert r.exit_codes == (0, 0), r.stderr[-2000:]
         assert int(r.stdout) > 1000, "the archive's classes were not used"
+
+
+@needs("python")
+def test_python_programs_start_in_an_empty_environment_over_the_same_interpreter():
+    probe = (
+        "import builtins, sys\n"
+        "print(sys.prefix)\n"
+        "print(sys.base_prefix)\n"
+        "print(sum('site-packages' in p and not p.startswith(sys.prefix) for p in sys.path))\n"
+        "print(hasattr(builtins, 'exit'))\n"  # site.py ran as usual (it adds exit and quit)
+    )
+    with babelcode_sandbox("python", 30) as sb:
+        tc = sb.toolchain
+        env = Path(sb.cache_dir, "python")
+        assert tc.reused == (bc.REUSE["python"],) and tc.commands[0][0] == str(env / "bin/python3")
+        assert os.path.realpath(tc.commands[0][0]) == os.path.realpath(sys.executable)
+        r = run_with(sb, tc.commands[0])
+        assert r.exit_codes == (0,) and "TEST-0..." in r.stdout, r.stderr[-2000:]
+        r = sb.run_commands({"main.py": probe}, [(tc.commands[0], 30)], env=tc.env)
+        assert r.exit_codes == (0,), r.stderr[-2000:]
+        prefix, base, foreign, has_exit = r.stdout.split()
+        assert prefix == str(env) and base == sys.base_prefix
+        assert foreign == "0" and has_exit == "True"
+    assert os.access(sys.executable, os.X_OK), "the interpreter lost its mode"
+
+
+@needs("go")
+def test_go_programs_link_without_symbol_table_and_still_pass():
+    with babelcode_sandbox("go", 60) as sb:
+        tc = sb.toolchain
+        assert tc.reused == (bc.REUSE["go"],) and tc.commands[0][2] == bc.GO_LINK_FLAGS
+        r = run_with(sb, tc.commands[0])
+        assert r.exit_codes == (0, 0) and "TEST-0..." in r.stdout, r.stderr[-2000:]
+        panic = 'package main\nfunc f() { panic("boom") }\nfunc main() { f() }\n'
+        r = sb.run_commands(
+            {"main.go": panic}, [(c, 60) for c in tc.commands], env=tc.env, exec_only=tc.exec_only
+        )
+        assert r.exit_codes == (0, 2), r.stderr[-2000:]
+        assert "main.f(" in r.stderr and "main.go:2" in r.stderr  # the trace keeps names, lines
 
 
 def test_a_reuse_that_cannot_be_built_falls_back_to_babelcodes_commands(monkeypatch, tmp_path):
