@@ -475,3 +475,90 @@ def test_the_command_line_takes_a_gguf_and_quantizes_at_load(model_dir, tmp_path
     from_gguf = capsys.readouterr().out
     assert main(["complete", "--model", str(model_dir), "--quantize", "q4_0", *prompt]) == 0
     assert capsys.readouterr().out == from_gguf  # the same blocks, whichever way they came
+
+
+# -- the header reader (gguf.GGUFFile) against gguf-py's GGUFReader ----------------------------
+def every_value_type_gguf(path: Path) -> Path:
+    """A GGUF with a metadata value of every type, arrays of numbers, strings (odd UTF-8 too)
+    and arrays, an alignment of 64, and tensors of several types."""
+    w = gguf.GGUFWriter(path, arch="gemma")
+    w.add_uint8("t.u8", 255)
+    w.add_int8("t.i8", -128)
+    w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -32768)
+    w.add_uint32("t.u32", 2**32 - 1)
+    w.add_int32("t.i32", -(2**31))
+    w.add_float32("t.f32", 1e-6)
+    w.add_uint64("t.u64", 2**64 - 1)
+    w.add_int64("t.i64", -(2**63))
+    w.add_float64("t.f64", 0.1)
+    w.add_bool("t.true", True)
+    w.add_bool("t.false", False)
+    w.add_string("t.str", "héllo\n<|fim_prefix|>")
+    w.add_string("t.empty", "")
+    w.add_array("t.strs", ["▁a", "", "\u00e9\u20ac\U0001f600", "<0x0A>"])
+    w.add_array("t.ints", [3, -1, 7])
+    w.add_array("t.floats", [0.5, -2.25, 1e-3])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_array("t.no_items", [])
+    w.add_uint32("general.alignment", 64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("a.weight", rng.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("b.weight", rng.standard_normal(5).astype(np.float16))
+    q8 = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), GT.Q8_0)
+    w.add_tensor("c.weight", q8, raw_dtype=GT.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_the_header_reader_reads_what_gguf_py_reads(tmp_path) -> None:
+    from codegemma.gguf import GGUFFile
+
+    path = every_value_type_gguf(tmp_path / "all.gguf")
+    theirs = gguf.GGUFReader(path)
+    ours = GGUFFile.open(path)
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]  # GGUF.*: its header fields
+    assert sorted(ours.metadata) == sorted(keys)
+    assert ours.get("t.nested") == [[1, 2], [3]]
+    assert theirs.get_field("t.nested").contents() == [1, 2, 3]  # gguf-py flattens nested arrays
+    for key in keys:
+        want = theirs.get_field(key).contents()
+        if key == "t.nested":
+            continue
+        assert ours.get(key) == want, key
+        assert type(ours.get(key)) is type(want), key
+    assert ours.strings("t.strs") == ["▁a", "", "\u00e9\u20ac\U0001f600", "<0x0A>"]
+    assert ours.numbers("t.floats").dtype == np.float32
+    assert ours.numbers("t.floats").tolist() == np.float32([0.5, -2.25, 1e-3]).tolist()
+    assert ours.strings("absent") == [] and ours.numbers("absent") is None
+    assert ours.version == 3
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.tensor_type == t.tensor_type and mine.shape == tuple(t.shape.tolist())
+        assert mine.n_elements == t.n_elements and mine.n_bytes == t.n_bytes
+        assert mine.data.tobytes() == t.data.tobytes()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b"GGUG" + b[4:], "GGUF magic"),
+        (lambda b: b[:4] + (1).to_bytes(4, "little") + b[8:], "version 1"),
+        (lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "big-endian"),
+        (lambda b: b[:200], "truncated"),
+        (lambda b: b[:-100], "truncated: tensor 'c.weight'"),  # (the last 56 bytes: padding)
+    ],
+)
+def test_a_damaged_header_is_a_clear_error(tmp_path, damage, message) -> None:
+    from codegemma.gguf import GGUFFile
+
+    good = every_value_type_gguf(tmp_path / "all.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(damage(good))
+    with pytest.raises(CheckpointError, match="cannot be read as GGUF") as e:
+        GGUFFile.open(bad)
+    assert message in str(e.value)

@@ -1,9 +1,14 @@
 """Read GGUF files (llama.cpp, Ollama) as a `GemmaForCausalLM` plus our `Tokenizer`.
 
-The file is memory-mapped copy-on-write by `gguf.GGUFReader` (PyPI `gguf`, llama.cpp's gguf-py):
-quantized tensors become `QuantizedLinear` / `QuantizedEmbedding` whose uint8 `weight` is a view
-of the mapping (never requantized, quant.py); F32/F16/BF16 tensors become ordinary parameters,
-views too where their dtype is the compute dtype.
+The file is memory-mapped copy-on-write and its header parsed by `GGUFFile` (the format of
+llama.cpp's docs/gguf.md, with the type tables of PyPI's `gguf`, llama.cpp's gguf-py): quantized
+tensors become `QuantizedLinear` / `QuantizedEmbedding` whose uint8 `weight` is a view of the
+mapping (never requantized, quant.py); F32/F16/BF16 tensors become ordinary parameters, views too
+where their dtype is the compute dtype. gguf-py's own `GGUFReader` reads the same header but
+builds two numpy views for every element of every array (each of a 256,000-token vocabulary's
+strings, scores and types): 0.65 GiB while the file is open and part of it kept by the heap after,
+so a Q8_0 2B took 19% more memory than llama.cpp (docs/benchmarks.md). `GGUFFile` decodes the
+strings once and views number arrays whole; a test checks it against `GGUFReader` key by key.
 
 What llama.cpp's converter (`convert_hf_to_gguf.py`, class GemmaModel) does to a Gemma, undone:
 - names: `token_embd.weight`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
@@ -22,6 +27,7 @@ What llama.cpp's converter (`convert_hf_to_gguf.py`, class GemmaModel) does to a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from torch import Tensor
 
 from codegemma import kernels
@@ -101,30 +108,156 @@ def our_name(gguf_name: str) -> str | None:
     return None
 
 
+# GGUF's metadata value types (gguf.GGUFValueType) as little-endian numpy scalars
+_SCALARS = {
+    GGUFValueType.UINT8: "<u1",
+    GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4",
+    GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
+}
+DEFAULT_ALIGNMENT = 32
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: ggml's shape (ne0 first, i.e. torch's read in reverse), type,
+    and its bytes as a uint8 view of the mapping."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def _python(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return [_python(v) for v in value] if isinstance(value, list) else value
+
+
+class _Cursor:
+    """Little-endian reads from the mapping, each checked against its end."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> np.ndarray:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError(f"truncated: {n} bytes wanted at offset {self.pos}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        dt = np.dtype(fmt)
+        return self.take(dt.itemsize).view(dt)[0].item()
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar("<u8"))).decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        """A metadata value of GGUF type `kind`: a Python scalar or str, or for an array a list
+        of str, a numpy view of numbers, or a list of those (arrays of arrays)."""
+        if kind == GGUFValueType.STRING:
+            return self.string()
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind != GGUFValueType.ARRAY:
+            raise ValueError(f"unknown metadata value type {kind} at offset {self.pos}")
+        item, count = self.scalar("<u4"), self.scalar("<u8")
+        if item in _SCALARS:
+            dt = np.dtype(_SCALARS[item])
+            return self.take(count * dt.itemsize).view(dt)
+        return [self.value(item) for _ in range(count)]
+
+
 @dataclass
 class GGUFFile:
     """An opened GGUF file: its metadata as Python values and its tensors by llama.cpp name."""
 
     path: Path
-    reader: Any  # gguf.GGUFReader
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> GGUFFile:
-        from gguf import GGUFReader
-
         path = Path(path)
         try:
-            reader = GGUFReader(path, "c")  # copy-on-write: writable views, the file untouched
-        except (ValueError, OSError, IndexError) as e:  # gguf raises ValueError for bad files
+            # copy-on-write: tensors become writable views (torch wants those), the file untouched
+            buf = np.memmap(path, mode="c")
+            return cls._parse(path, buf)
+        except (ValueError, OSError) as e:
             raise CheckpointError(
                 f"{path} cannot be read as GGUF: {e}",
                 fix="re-download the file, or convert the model again with llama.cpp",
             ) from e
-        return cls(path, reader)
+
+    @classmethod
+    def _parse(cls, path: Path, buf: np.ndarray) -> GGUFFile:
+        c = _Cursor(buf)
+        if bytes(c.take(4)) != MAGIC:
+            raise ValueError("it does not start with the GGUF magic")
+        version = c.scalar("<u4")
+        if version not in (2, 3):
+            raise ValueError(
+                f"GGUF version {version} (big-endian files read as a huge number): codegemma "
+                f"reads little-endian versions 2 and 3, what llama.cpp writes"
+            )
+        n_tensors, n_kv = c.scalar("<u8"), c.scalar("<u8")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = c.string()
+            if key in metadata:
+                raise ValueError(f"metadata key {key!r} appears twice")
+            metadata[key] = c.value(c.scalar("<u4"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = tuple(int(c.scalar("<u8")) for _ in range(c.scalar("<u4")))
+            raw, offset = c.scalar("<u4"), c.scalar("<u8")
+            infos.append((name, dims, raw, offset))
+        align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        start = -(-c.pos // align) * align
+        tensors = {}
+        for name, dims, raw, offset in infos:
+            try:
+                kind = GGMLQuantizationType(raw)
+            except ValueError:
+                raise ValueError(
+                    f"tensor {name!r} has ggml type {raw}, which the gguf package does not "
+                    f"know; supported types: {SUPPORTED}"
+                ) from None
+            block, size = GGML_QUANT_SIZES[kind]
+            count = math.prod(dims)
+            if count % block:
+                raise ValueError(
+                    f"tensor {name!r}: {count} values are not whole {kind.name} blocks"
+                )
+            at, nbytes = start + offset, count // block * size
+            if at + nbytes > len(buf):
+                raise ValueError(f"truncated: tensor {name!r} ends past the end of the file")
+            tensors[name] = GGUFTensor(name, kind, dims, buf[at : at + nbytes])
+        return cls(path, version, metadata, tensors)
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        """A metadata value as Python values (an array as a list, of lists for nested ones)."""
+        return _python(self.metadata.get(key, default))
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -136,21 +269,14 @@ class GGUFFile:
         return value
 
     def strings(self, key: str) -> list[str]:
-        """A string array, decoded directly from its parts (fast for 256k tokens)."""
-        field = self.reader.get_field(key)
-        if field is None:
-            return []
-        return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        """A string array ([] when absent)."""
+        value = self.metadata.get(key)
+        return [] if value is None else list(value)
 
     def numbers(self, key: str) -> np.ndarray | None:
-        field = self.reader.get_field(key)
-        if field is None:
-            return None
-        return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.array([])
-
-    @property
-    def tensors(self) -> dict[str, Any]:
-        return {t.name: t for t in self.reader.tensors}
+        """A number array as a numpy view of the file, or None when absent."""
+        value = self.metadata.get(key)
+        return None if value is None else np.asarray(value)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -313,14 +439,14 @@ def describe_gguf(path: str | os.PathLike) -> dict[str, Any]:
     Hugging Face directory); reads the header only."""
     f = GGUFFile.open(path)
     types: dict[str, int] = {}
-    for t in f.reader.tensors:
+    for t in f.tensors.values():
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     return {
         "path": str(f.path),
         "format": "gguf",
         "total_bytes": f.path.stat().st_size,
-        "num_tensors": len(f.reader.tensors),
-        "num_parameters": int(sum(int(t.n_elements) for t in f.reader.tensors)),
+        "num_tensors": len(f.tensors),
+        "num_parameters": sum(t.n_elements for t in f.tensors.values()),
         "tensor_types": types,
     }
 
@@ -330,7 +456,7 @@ def _build(f: GGUFFile, config: ModelConfig, device: torch.device) -> GemmaForCa
         model = GemmaForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {}
-    for t in f.reader.tensors:
+    for t in f.tensors.values():
         name = our_name(t.name)
         if name is None or name not in expected:
             raise CheckpointError(
@@ -344,7 +470,7 @@ def _build(f: GGUFFile, config: ModelConfig, device: torch.device) -> GemmaForCa
     dtype = getattr(torch, config.torch_dtype)
     state = {}
     for name, t in found.items():
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = tuple(reversed(t.shape))
         if shape != expected[name]:
             raise CheckpointError(
                 f"{f.path}: tensor {t.name!r} has shape {list(shape)} but its gemma.* metadata "
@@ -397,9 +523,11 @@ def _install_quantized(
 def _bytes(t: Any) -> Tensor:
     """A tensor's data as uint8 [rows, row bytes] (one row for a vector), a view of the file."""
     rows = int(t.shape[1]) if len(t.shape) == 2 else 1
-    return torch.from_numpy(t.data).view(torch.uint8).reshape(rows, -1)
+    return torch.from_numpy(t.data).reshape(rows, -1)
 
 
 def tensor_bytes(path: str | os.PathLike) -> dict[str, tuple[str, Tensor]]:
     """Every tensor of a GGUF file by llama.cpp name: (ggml type name, uint8 [rows, row bytes])."""
-    return {t.name: (t.tensor_type.name, _bytes(t)) for t in GGUFFile.open(path).reader.tensors}
+    return {
+        name: (t.tensor_type.name, _bytes(t)) for name, t in GGUFFile.open(path).tensors.items()
+    }

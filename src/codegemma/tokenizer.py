@@ -120,9 +120,16 @@ class _HFBackend:
         self.size = self.tk.get_vocab_size(with_added_tokens=True)
         added = self.tk.get_added_tokens_decoder()
         self.marked_special = {i for i, t in added.items() if t.special}
-        self.pieces: list[str | None] = [None] * self.size
+
+    def pieces(self) -> list[str | None]:
+        """Every id's piece (None for a hole in the vocabulary), built on each call."""
+        pieces: list[str | None] = [None] * self.size
         for piece, i in self.tk.get_vocab(with_added_tokens=True).items():
-            self.pieces[i] = piece
+            pieces[i] = piece
+        return pieces
+
+    def piece(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
 
     def encode(self, text: str) -> list[int]:
         # encode_batch releases the GIL while it works (encode holds it), so a server's other
@@ -148,7 +155,14 @@ class _SPBackend:
         self.marked_special = {
             i for i in range(self.size) if self.sp.is_control(i) or self.sp.is_unknown(i)
         }
-        self.pieces: list[str | None] = self.sp.id_to_piece(list(range(self.size)))
+
+    def pieces(self) -> list[str | None]:
+        """Every id's piece, built on each call (a 256k vocabulary's list is 16 MB: it is not
+        kept)."""
+        return self.sp.id_to_piece(list(range(self.size)))
+
+    def piece(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int, add_bos=False, add_eos=False)
@@ -176,8 +190,10 @@ class Tokenizer:
         self.fingerprint = hashlib.sha256(data).hexdigest()
         self.special = self._find_special(names or SPECIAL_STRINGS)
         self._byte_ids = self._find_byte_ids()
-        self._table = self._build_byte_table()
-        self.special_ids = self._find_special_ids()
+        pieces = self._backend.pieces()
+        self._table = self._build_byte_table(pieces)
+        self.special_ids = self._find_special_ids(pieces)
+        del pieces
         # A literal "▁" would come back as a space (the pipeline writes spaces as "▁"), so it is
         # byte-encoded too, like special-token strings: decode(encode(text)) == text always.
         protected = {self.id_to_token(i) for i in self.special_ids} | {"▁"}
@@ -236,14 +252,14 @@ class Tokenizer:
             )
         return ids  # type: ignore[return-value]
 
-    def _find_special_ids(self) -> frozenset[int]:
+    def _find_special_ids(self, pieces: list[str | None]) -> frozenset[int]:
         named = {v for v in vars(self.special).values() if v is not None}
-        reserved = {i for i, p in enumerate(self._backend.pieces) if p and RESERVED_RE.fullmatch(p)}
+        reserved = {i for i, p in enumerate(pieces) if p and RESERVED_RE.fullmatch(p)}
         return frozenset(named | reserved | self._backend.marked_special)
 
-    def _build_byte_table(self) -> list[bytes]:
+    def _build_byte_table(self, pieces: list[str | None]) -> list[bytes]:
         byte_of = {i: b for b, i in enumerate(self._byte_ids)}
-        table = [(p or "").replace("▁", " ").encode("utf-8") for p in self._backend.pieces]
+        table = [(p or "").replace("▁", " ").encode("utf-8") for p in pieces]
         for i, b in byte_of.items():
             table[i] = bytes([b])
         return table
@@ -273,7 +289,7 @@ class Tokenizer:
         return self._backend.piece_to_id(tok)
 
     def id_to_token(self, i: int) -> str:
-        piece = self._backend.pieces[i] if 0 <= i < self.vocab_size else None
+        piece = self._backend.piece(i) if 0 <= i < self.vocab_size else None
         if piece is None:
             raise TokenizerError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
         return piece
