@@ -16,9 +16,9 @@ from codegemma import kernels, quant
 from codegemma.config import ModelConfig
 from codegemma.model import GemmaForCausalLM
 
-FORMATS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
+FORMATS = ("F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
 # Byte offsets of each block's fp16 scale fields (finite in any real file), per format.
-SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

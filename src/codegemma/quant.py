@@ -6,6 +6,10 @@ bytes (ggml's `ggml-common.h` structs, little-endian, fp16 scales):
 - Q8_0: 32 values in 34 bytes: fp16 scale d, then 32 int8 q; value = q * d.
 - Q4_0: 32 values in 18 bytes: fp16 d, then 16 bytes of nibbles; value = (q - 8) * d, where the
   low nibble of byte j is element j and the high nibble element j + 16.
+- Q5_0: 32 values in 22 bytes: fp16 d, a little-endian uint32 of fifth bits (bit j: element j),
+  16 bytes of nibbles as Q4_0's; value = (q - 16) * d. llama-quantize writes it where a Q4_K
+  row does not divide into 256-value blocks (a model narrower than Gemma's, e.g. in tests); the
+  kernels do not read it, so such matrices take the reference path.
 - Q4_K: 256 values in 144 bytes: fp16 d and dmin, 12 bytes packing eight 6-bit scales and mins,
   128 bytes of nibbles (per 64 values: 32 low nibbles, then the same bytes' high nibbles); value
   = d * scale * q - dmin * min.
@@ -71,6 +75,7 @@ FORMATS: dict[str, BlockFormat] = {
         BlockFormat("F32", 0, 1, 4),
         BlockFormat("F16", 1, 1, 2),
         BlockFormat("Q4_0", 2, 32, 18),
+        BlockFormat("Q5_0", 6, 32, 22),
         BlockFormat("Q8_0", 8, 32, 34),
         BlockFormat("Q4_K", 12, 256, 144),
         BlockFormat("Q6_K", 14, 256, 210),
@@ -151,6 +156,15 @@ def _deq_q4_0(b: Tensor) -> Tensor:
     return d * q.float()
 
 
+def _deq_q5_0(b: Tensor) -> Tensor:
+    d = _f16(b[:, :2])
+    qh = b[:, 2:6].to(torch.int64)
+    high = (qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24)[:, None]
+    fifth = (high >> torch.arange(32, device=b.device)) & 1
+    q = (_nibbles(b[:, 6:]).reshape(-1, 32).to(torch.int64) | fifth << 4).to(torch.int8) - 16
+    return d * q.float()
+
+
 def _q4_k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
     """The eight 6-bit scales and mins of a Q4_K block from its 12 packed bytes."""
     s = s.reshape(-1, 3, 4)
@@ -188,6 +202,7 @@ _DEQUANTIZE = {
     "BF16": _deq_bf16,
     "Q8_0": _deq_q8_0,
     "Q4_0": _deq_q4_0,
+    "Q5_0": _deq_q5_0,
     "Q4_K": _deq_q4_k,
     "Q6_K": _deq_q6_k,
 }
