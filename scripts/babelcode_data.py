@@ -28,7 +28,8 @@ PYTHONHASHSEED=0 (it writes set literals in set iteration order), so a rerun is 
 `validate` runs BabelCode's own harness (evaluate_predictions.py, ALLOW_EXECUTION=true; unsandboxed,
 on BabelCode's stubs and gold solutions only, never model output) and ours (the sandbox, as
 `codegemma eval` runs a model's completions) on the same validation predictions and compares the
-verdict of every problem and test case; `--limit N` takes each set's first N problems:
+verdict of every problem and test case; `--limit N` takes each set's first N problems, and with
+`--start S` the N from problem S on (a long set run in parts, e.g. BC-MBPP Kotlin):
 
     python scripts/babelcode_data.py validate --babelcode /tmp/babelcode \\
         --python /tmp/bcvenv/bin/python --dataset humaneval --languages cpp,java --out /tmp/bcv
@@ -245,7 +246,7 @@ def their_verdicts(
     langs: list[str],
     out: Path,
     scale: float,
-    limit: int | None = None,
+    span: slice = slice(None),
     workers: int | None = None,
 ) -> dict:
     """Run BabelCode's evaluate_predictions.py (generated test code in `work`) on our bundled
@@ -260,8 +261,8 @@ def their_verdicts(
     env["PATH"] = f"{Path(python).parent}{os.pathsep}{env['PATH']}"  # their `python` command
     results = {}
     for lang in langs:
-        name = f"{dataset}-{lang}"
-        stubs = bc.load_validation_predictions(dataset, lang)[:limit]
+        name = f"{dataset}-{lang}" + (f"-from{span.start}" if span.start else "")
+        stubs = bc.load_validation_predictions(dataset, lang)[span]
         preds = out / f"{name}.predictions.jsonl"
         write_text_atomic(preds, "".join(json.dumps(p) + "\n" for p in stubs))
         run(
@@ -299,7 +300,7 @@ def our_verdicts(
     langs: list[str],
     workers: int,
     scale: float,
-    limit: int | None = None,
+    span: slice = slice(None),
     reuse: bool = True,
 ) -> dict:
     """Our harness on the same validation predictions: each language's BabelCodeSandbox, as
@@ -309,7 +310,7 @@ def our_verdicts(
     results = {}
     for lang in langs:
         problems = bc.by_qid(bc.load_babelcode(dataset, lang))
-        stubs = bc.load_validation_predictions(dataset, lang)[:limit]
+        stubs = bc.load_validation_predictions(dataset, lang)[span]
         timeout = max(bc.language_spec(lang).timeouts) * scale
         with (
             babelcode_sandbox(lang, timeout, reuse=reuse) as sandbox,
@@ -338,6 +339,7 @@ def summarize(results: dict) -> dict:
 def cmd_validate(args: argparse.Namespace) -> None:
     langs = args.languages.split(",")
     bc.require_toolchains(langs)
+    span = slice(args.start, None if args.limit is None else args.start + args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkout = Path(args.babelcode).resolve()
@@ -357,13 +359,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
             langs,
             out,
             args.timeout_scale,
-            args.limit,
+            span,
             args.workers,
         )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch.parent, ignore_errors=True)
-    ours = our_verdicts(args.dataset, langs, args.workers, args.timeout_scale, args.limit)
+    ours = our_verdicts(args.dataset, langs, args.workers, args.timeout_scale, span)
     report = compare(theirs, ours, langs)
     report["dataset"] = args.dataset
     rows = [{"language": k[0], "qid": k[1], "theirs": theirs.get(k), "ours": ours[k]} for k in ours]
@@ -481,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     val.add_argument("--out", required=True, help="directory for both harnesses' results")
     val.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     val.add_argument("--limit", type=int, default=None, help="each set's first N problems only")
+    val.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="each set's problems from this one on (--limit N: N of them)",
+    )
     val.add_argument(
         "--generated",
         action="store_true",
