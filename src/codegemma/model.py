@@ -18,10 +18,9 @@ is overwritten before it is ever attended to.
 
 Plain torch, as gpt-fast's model.py: no compiled kernels are called from here (the float matmuls go
 through `Linear`, i.e. kernels.linear, which only picks between torch's own GEMMs, MKL's and
-oneDNN's, by the CPU: the same product, its sums perhaps in another order). Speed is applied
-from outside:
-the engine (engine/engine.py) runs its decode steps on CPU through kernels.step.DecodeStep, the
-whole step in one call with this file's math, built from whatever weights the model holds; a
+oneDNN's, by the CPU: the same product, its sums perhaps in another order). Speed is applied from
+outside: the engine (engine/engine.py) runs its decode steps on CPU through kernels.step.DecodeStep,
+the whole step in one call with this file's math, built from whatever weights the model holds; a
 direct call of this model with a cache always runs the modules.
 
 Quantized weights (quant.py: ggml's Q8_0, Q4_0, Q4_K, Q6_K blocks, e.g. from a GGUF file) replace

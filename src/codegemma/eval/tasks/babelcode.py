@@ -632,8 +632,8 @@ REUSE = {
     # than they give on two cores; the kotlinc script's own -Xmx256M -Xms32M is kept
     "kotlin": "class-data-sharing archive, serial GC, C1 only",
     # the same interpreter as a virtual environment with no packages (BabelCode's programs use
-    # the standard library only): the .pth files of the harness's own site-packages, which run
-    # code at every start (17 ms of a 42 ms program on one machine), stay out of the programs'
+    # the standard library only), so the .pth files of the harness's own site-packages, which
+    # run code at every start (17 ms of a 42 ms program on one machine), run at none of theirs
     "python": "an empty virtual environment over the interpreter",
 }
 GO_LINK_FLAGS = "-ldflags=-s -w"
