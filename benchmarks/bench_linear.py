@@ -24,7 +24,7 @@ from bench_gemv import layer_shapes
 from codegemma import kernels
 from codegemma.config import ModelConfig
 
-PRESETS = {"mini": "mini", "2b": "2b"}
+CONFIGS = ("mini", "2b")  # ModelConfig presets
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["mini", "2b"], choices=sorted(PRESETS))
+    parser.add_argument("--configs", nargs="+", default=["mini", "2b"], choices=CONFIGS)
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 512])
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
@@ -70,7 +70,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for name in args.configs:
-        config = ModelConfig.preset(PRESETS[name])
+        config = ModelConfig.preset(name)
         shapes = dict.fromkeys(layer_shapes(config) + [(config.vocab_size, config.hidden_size)])
         for tokens in args.tokens:
             for n, k in shapes:

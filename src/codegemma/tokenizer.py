@@ -193,7 +193,6 @@ class Tokenizer:
         pieces = self._backend.pieces()
         self._table = self._build_byte_table(pieces)
         self.special_ids = self._find_special_ids(pieces)
-        del pieces
         # A literal "▁" would come back as a space (the pipeline writes spaces as "▁"), so it is
         # byte-encoded too, like special-token strings: decode(encode(text)) == text always.
         protected = {self.id_to_token(i) for i in self.special_ids} | {"▁"}

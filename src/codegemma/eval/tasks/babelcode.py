@@ -698,21 +698,14 @@ def _with_stripped_link(tc: Toolchain, cache: Path) -> Toolchain:
 def _with_empty_environment(tc: Toolchain, cache: Path) -> Toolchain:
     """`<cache>/python/bin/python3 main.py`: a link to the same interpreter beside a pyvenv.cfg
     that names no packages, so each program starts as in a fresh `python -m venv`."""
-    interpreter, *rest = tc.commands[0]
+    import platform
+
+    interpreter, *rest = tc.commands[0]  # this process's own (`_resolve_tool`)
     env = cache / "python"
     (env / "bin").mkdir(parents=True, exist_ok=True)
-    info = subprocess.run(
-        [interpreter, "-I", "-c", "import platform; print(platform.python_version())"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if info.returncode != 0:
-        return tc
     (env / "pyvenv.cfg").write_text(
         f"home = {os.path.dirname(interpreter)}\ninclude-system-site-packages = false\n"
-        f"version = {info.stdout.strip()}\n",
+        f"version = {platform.python_version()}\n",
         encoding="utf-8",
     )
     link = env / "bin" / "python3"
