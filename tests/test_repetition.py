@@ -10,7 +10,7 @@ point of a file of CPython's standard library (the first five), and `echo hello 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from codegemma import middle
@@ -190,6 +190,8 @@ REQUESTS = [
     request=st.sampled_from(REQUESTS),
     exhausted=st.booleans(),
 )
+# a loop of lines dedented below the block: the block rule cuts first, without the newline
+@example(text="0000000\n" * 20, sizes=[7, 9], request=REQUESTS[0], exhausted=False)
 def test_a_streamed_fim_middle_is_the_whole_middle(text, sizes, request, exhausted):
     """The server's FIM tracker, fed the text in pieces and stopped where it says the middle has
     ended for good, releases exactly `clean` of all of it (a loop cut included)."""

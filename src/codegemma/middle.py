@@ -126,10 +126,15 @@ def truncate(text: str, request: FimRequest, *, exhausted: bool = False) -> str:
     """The rules that end a completion early: no repetition loop (`cut_repetition`; `exhausted`:
     the generation ran out of tokens), then the first line only (single-line mode) or the cursor's
     block, and no repeat of the suffix. A streaming server stops generating once one of them has
-    cut (server/serving.py's FimTracker)."""
-    text = cut_repetition(text, exhausted=exhausted)
-    text = first_line(text) if request.single_line else limit_to_block(text, request.prefix)
-    return trim_suffix_repeat(text, request.suffix)
+    cut (server/serving.py's FimTracker).
+
+    The line rules read the whole text, not what the loop rule left of it, and the earlier cut
+    wins: a loop of whole lines cut after its first line keeps that line's newline, where the
+    block rule, seeing the next line, drops it, and a streaming server that stopped on the block
+    rule must send what this function gives for all the text."""
+    looped = cut_repetition(text, exhausted=exhausted)
+    lines = first_line(text) if request.single_line else limit_to_block(text, request.prefix)
+    return trim_suffix_repeat(min(looped, lines, key=len), request.suffix)
 
 
 def clean(text: str, request: FimRequest, *, exhausted: bool = False) -> str:
